@@ -1,0 +1,148 @@
+"""Getting usage records into the ledger without making clients wait.
+
+The proxy hands each record to a `UsageBuffer` (a list append on the event
+loop); the buffer writes batches through a caller-supplied thread, so no
+request ever waits for the database. Writes are idempotent on the event id, so
+a batch retried after a failure is never counted twice.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from django.db import IntegrityError, transaction
+
+from billing.contracts import UsageRecord
+from billing.models import UsageEvent
+from tenants.models import VirtualKey
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RunSync = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+def _event_from(record: UsageRecord) -> UsageEvent:
+    usage = record.usage
+    return UsageEvent(
+        id=record.event_id,
+        org_id=record.org_id,
+        team_id=record.team_id,
+        key_id=record.key_id,
+        route_id=record.route_id,
+        deployment_id=record.deployment_id,
+        deployment_name=record.deployment_name,
+        provider_kind=record.provider_kind,
+        endpoint=record.endpoint,
+        model=record.model,
+        upstream_model=record.upstream_model,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_estimated=usage.estimated,
+        cost_nanos=record.cost_nanos,
+        price_id=record.price_id,
+        priced=record.priced,
+        outcome=record.outcome,
+        status_code=record.status_code,
+        error_class=record.error_class,
+        cache_hit=record.cache_hit,
+        is_stream=record.is_stream,
+        latency_ms=record.latency_ms,
+        ttft_ms=record.ttft_ms,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+    )
+
+
+def usage_events_write(records: Sequence[UsageRecord]) -> None:
+    """Store `records` in the ledger; records already stored are left as they are."""
+    if not records:
+        return
+    events = [_event_from(record) for record in records]
+    try:
+        with transaction.atomic():
+            UsageEvent.objects.bulk_create(events, ignore_conflicts=True)
+    except IntegrityError:
+        # A key or team deleted since the request: keep the event, drop the link.
+        for event in events:
+            _write_one_detached(event)
+    keyed = [record for record in records if record.key_id is not None]
+    if keyed:
+        # One UPDATE per batch: "last used" is exact to the flush interval, and
+        # .update() skips the signals that would invalidate every proxy snapshot.
+        VirtualKey.objects.filter(pk__in={record.key_id for record in keyed}).update(
+            last_used_at=max(record.finished_at for record in keyed)
+        )
+
+
+def _write_one_detached(event: UsageEvent) -> None:
+    try:
+        with transaction.atomic():
+            UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
+            return
+    except IntegrityError:
+        pass
+    event.key_id = None
+    event.team_id = None
+    with transaction.atomic():
+        UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
+
+
+class UsageBuffer:
+    """Batches usage records from the event loop into the ledger."""
+
+    def __init__(
+        self,
+        *,
+        run_sync: RunSync[None],
+        flush_interval_s: float,
+        batch_size: int,
+    ) -> None:
+        self._run_sync = run_sync
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._pending: list[UsageRecord] = []
+        self._wake = asyncio.Event()
+        self._failures = 0
+
+    def add(self, record: UsageRecord) -> None:
+        """Queue one record; never blocks and never raises."""
+        self._pending.append(record)
+        if len(self._pending) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        """Flush forever (until cancelled), backing off while the database fails."""
+        while True:
+            delay = self._flush_interval_s * min(2**self._failures, 60)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write everything pending; on failure keep it for the next attempt."""
+        while self._pending:
+            batch = self._pending[: self._batch_size]
+            try:
+                await self._run_sync(lambda batch=batch: usage_events_write(batch))  # type: ignore[misc]
+            except Exception:
+                self._failures += 1
+                logger.exception(
+                    "Writing %d usage events failed; %d kept for retry",
+                    len(batch),
+                    len(self._pending),
+                )
+                return False
+            del self._pending[: len(batch)]
+            self._failures = 0
+        return True

@@ -1,0 +1,233 @@
+"""Tollgate settings, read from the environment.
+
+With no DATABASE_URL and no REDIS_URL set, Tollgate runs as the embedded default:
+SQLite, in-process counters, queue and channel layer, one process. Setting them
+switches the same code to PostgreSQL and Redis.
+"""
+
+import base64
+import binascii
+import hashlib
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from gatewaysite.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("TOLLGATE_VAR_DIR", str(BASE_DIR / "var")))
+
+# ---------------------------------------------------------------- Core
+
+DATABASE_URL = env_str("DATABASE_URL")
+REDIS_URL = env_str("REDIS_URL")
+
+# The embedded default is a local, single-user setup, so it starts in DEBUG;
+# anything pointed at a real database must opt in to DEBUG explicitly.
+DEBUG = env_bool("DEBUG", default=not DATABASE_URL)
+
+_INSECURE_DEV_SECRET_KEY = "django-insecure-tollgate-local-development-only"
+SECRET_KEY = env_str("SECRET_KEY") or (_INSECURE_DEV_SECRET_KEY if DEBUG else "")
+
+# Fernet keys (urlsafe base64 of 32 bytes), newest first: the first encrypts,
+# every key decrypts, so an old key keeps working until rotation is done.
+TOLLGATE_ENCRYPTION_KEYS = env_list("TOLLGATE_ENCRYPTION_KEYS")
+if not TOLLGATE_ENCRYPTION_KEYS and DEBUG:
+    _dev_key = hashlib.sha256(f"tollgate-dev-encryption:{SECRET_KEY}".encode()).digest()
+    TOLLGATE_ENCRYPTION_KEYS = [base64.urlsafe_b64encode(_dev_key).decode()]
+
+
+def _insecure_settings() -> list[str]:
+    """What keeps a DEBUG-off process from starting safely, in plain words."""
+    problems = []
+    if not SECRET_KEY:
+        problems.append("SECRET_KEY is not set (use a long random string).")
+    elif SECRET_KEY.startswith("django-insecure"):
+        problems.append("SECRET_KEY is the insecure development default.")
+    if not TOLLGATE_ENCRYPTION_KEYS:
+        problems.append(
+            "TOLLGATE_ENCRYPTION_KEYS is not set (comma-separated Fernet keys; "
+            "make one with: python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())')."
+        )
+    for position, key in enumerate(TOLLGATE_ENCRYPTION_KEYS, start=1):
+        try:
+            valid = len(base64.urlsafe_b64decode(key.encode())) == 32
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            problems.append(f"TOLLGATE_ENCRYPTION_KEYS entry {position} is not a Fernet key.")
+    return problems
+
+
+if not DEBUG and (_problems := _insecure_settings()):
+    raise ImproperlyConfigured(
+        "Tollgate refuses to start with DEBUG off on insecure defaults:\n  - "
+        + "\n  - ".join(_problems)
+    )
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "django_ratelimit",
+    "tenants",
+    "billing",
+    "routing",
+    "dashboard",
+    "gatewaysite",
+]
+
+# Kept short on purpose: every MiddlewareMixin hook is a thread hop under ASGI.
+# The /v1/ proxy never passes through this list (see gatewaysite/asgi.py).
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "gatewaysite.urls"
+ASGI_APPLICATION = "gatewaysite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = DEBUG
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGIN_URL = "admin:login"
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+# ---------------------------------------------------------------- Database
+
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Persistent connections and ASGI do not mix; psycopg's pool does.
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": env_int("TOLLGATE_DB_POOL_SIZE", 10, minimum=1),
+            "timeout": 10,
+        }
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "tollgate.sqlite3",
+            # Web, worker and management commands share the file: WAL lets
+            # readers run beside the writer, IMMEDIATE avoids upgrade deadlocks.
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+            },
+            # A file, not :memory:, so a server started by the tests sees the data.
+            "TEST": {"NAME": str(VAR_DIR / "test-tollgate.sqlite3")},
+        }
+    }
+
+# ---------------------------------------------------------------- Redis and cache
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "tollgate",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+RATELIMIT_USE_CACHE = "default"
+# Django's own RedisCache increments atomically, which is all django-ratelimit
+# needs; in the embedded default one process owns the local-memory cache.
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + ([] if REDIS_URL else ["django_ratelimit.E003"])
+
+# ---------------------------------------------------------------- Celery
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = None
+# Without a broker, background work runs in-process, right away.
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+
+# ---------------------------------------------------------------- Channels
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# ---------------------------------------------------------------- Gateway
+
+# Largest request body the proxy accepts; bigger bodies get 413 before they are read.
+TOLLGATE_MAX_REQUEST_BYTES = env_int("TOLLGATE_MAX_REQUEST_BYTES", 10 * 1024 * 1024, minimum=1024)
+# How often each process checks whether keys, routes or prices changed.
+TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, minimum=0.01)
+# Usage events are written in batches off the request path.
+TOLLGATE_USAGE_FLUSH_SECONDS = env_float("TOLLGATE_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
+TOLLGATE_USAGE_BATCH_SIZE = env_int("TOLLGATE_USAGE_BATCH_SIZE", 500, minimum=1)
+TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env_int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+
+# ---------------------------------------------------------------- Logging
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+}

@@ -1,0 +1,17 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from django_ratelimit.decorators import ratelimit
+
+# Brute-force guard on the admin sign-in (per client address).
+admin.site.login = ratelimit(key="ip", rate="10/m", method="POST", block=True)(  # type: ignore[method-assign]
+    admin.site.login
+)
+admin.site.site_header = "Tollgate administration"
+admin.site.site_title = "Tollgate"
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="dashboard:overview", permanent=False)),
+    path("admin/", admin.site.urls),
+    path("dashboard/", include("dashboard.urls")),
+]

@@ -1,0 +1,51 @@
+"""Routing's frozen contracts: what the hot path and adapters work with."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """Everything needed to call one deployment; carries a decrypted secret."""
+
+    deployment_id: int
+    name: str
+    provider_id: int
+    provider_kind: str
+    base_url: str
+    api_key: str = field(repr=False)
+    upstream_model: str
+    weight: int
+    priority: int
+    connect_timeout_s: float
+    ttft_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """A public model name and the deployments that may serve it."""
+
+    route_id: int
+    org_id: int | None
+    model_name: str
+    strategy: str
+    deployments: tuple[DeploymentSpec, ...]
+    created: int  # Unix time, as /v1/models reports it
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated chat-completions request; `payload` is the client's JSON object."""
+
+    model: str
+    payload: dict[str, Any] = field(repr=False)
+    stream: bool
+    include_usage: bool  # the client asked for the final usage chunk
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRequest:
+    model: str
+    payload: dict[str, Any] = field(repr=False)

@@ -1,0 +1,118 @@
+"""Failures the gateway answers with an OpenAI-shaped error body.
+
+Every failure on the proxy path is one of these; `status` is what the client
+gets, so the official SDKs raise their typed exceptions. Messages are written
+for the client: they never contain provider secrets or internal URLs.
+"""
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    error_type = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def openai_body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.error_type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The provider failed; `retryable` says whether another attempt may succeed."""
+
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+    retryable = True
+
+
+class UpstreamUnreachable(UpstreamError):
+    default_code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamMalformed(UpstreamError):
+    default_code = "upstream_malformed_response"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "upstream_rate_limited"
+
+
+class UpstreamRejected(UpstreamError):
+    """The provider refused the request itself (4xx): retrying cannot help."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    default_code = "upstream_rejected_request"
+    retryable = False
+
+
+class NoDeploymentAvailable(GatewayError):
+    status = 503
+    error_type = "api_error"
+    default_code = "no_deployment_available"

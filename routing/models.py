@@ -1,0 +1,140 @@
+"""Providers (with encrypted credentials), deployments and routes."""
+
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+from tenants.crypto import decrypt_secret, encrypt_secret
+
+
+def validate_base_url(value: str) -> None:
+    """An http(s) URL without credentials, query or fragment."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValidationError("Give an http:// or https:// URL.")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValidationError("The URL must not carry credentials, a query or a fragment.")
+
+
+class Provider(models.Model):
+    class Kind(models.TextChoices):
+        OPENAI = "openai", "OpenAI"
+        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible host"
+        MOCK = "mock", "Built-in mock provider"
+
+    # Null: a platform provider every organization's routes may use.
+    org = models.ForeignKey(
+        "tenants.Organization",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="providers",
+    )
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    base_url = models.CharField(max_length=500, validators=[validate_base_url])
+    # Fernet ciphertext of the API key; read it through api_key().
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_api_key(self, plaintext: str) -> None:
+        self.api_key_encrypted = encrypt_secret(plaintext) if plaintext else ""
+
+    def api_key(self) -> str:
+        return decrypt_secret(self.api_key_encrypted) if self.api_key_encrypted else ""
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+
+class Deployment(models.Model):
+    """One model at one provider, with its timeouts and its share of traffic."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="deployments")
+    name = models.CharField(max_length=200)
+    upstream_model = models.CharField(max_length=200)
+    weight = models.PositiveIntegerField(default=1, help_text="Share of traffic (weighted routes).")
+    priority = models.PositiveIntegerField(default=0, help_text="Lower is tried first.")
+    connect_timeout_ms = models.PositiveIntegerField(default=5_000)
+    ttft_timeout_ms = models.PositiveIntegerField(
+        default=60_000, help_text="Longest wait for the first byte of the answer."
+    )
+    read_timeout_ms = models.PositiveIntegerField(
+        default=120_000, help_text="Longest silence between two chunks."
+    )
+    total_timeout_ms = models.PositiveIntegerField(default=600_000)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["priority", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "name"], name="deployment_unique_name_per_provider"
+            ),
+            models.CheckConstraint(
+                condition=Q(connect_timeout_ms__gt=0)
+                & Q(ttft_timeout_ms__gt=0)
+                & Q(read_timeout_ms__gt=0)
+                & Q(total_timeout_ms__gt=0),
+                name="deployment_timeouts_positive",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Route(models.Model):
+    """A public model name and the deployments that serve it."""
+
+    class Strategy(models.TextChoices):
+        PRIORITY = "priority", "Priority (lowest first)"
+        WEIGHTED = "weighted", "Weighted random"
+
+    # Null: a global route every organization can call (an org's own route
+    # with the same name wins).
+    org = models.ForeignKey(
+        "tenants.Organization",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="routes",
+    )
+    model_name = models.CharField(max_length=200)
+    strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.PRIORITY)
+    deployments = models.ManyToManyField(Deployment, related_name="routes")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["org", "model_name"],
+                condition=Q(org__isnull=False),
+                name="route_unique_name_per_org",
+            ),
+            models.UniqueConstraint(
+                fields=["model_name"],
+                condition=Q(org__isnull=True),
+                name="route_unique_global_name",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        owner = self.org.slug if self.org_id else "global"
+        return f"{self.model_name} ({owner})"

@@ -1,0 +1,112 @@
+"""The lean ASGI application serving /v1/: no Django request handler, no middleware."""
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from django.conf import settings
+
+from routing.errors import GatewayError, MethodNotAllowed, NotFound
+from routing.proxy import endpoints
+from routing.proxy.http import (
+    ClientGone,
+    ProxyRequest,
+    Receive,
+    Response,
+    Scope,
+    Send,
+    StreamingResponse,
+    error_response,
+    read_request,
+    send_response,
+    send_stream,
+)
+from routing.proxy.runtime import ProxyRuntime
+
+logger = logging.getLogger(__name__)
+
+Endpoint = Callable[[ProxyRequest, ProxyRuntime], Awaitable[Response | StreamingResponse]]
+
+ENDPOINTS: dict[str, dict[str, Endpoint]] = {
+    "/v1/chat/completions": {"POST": endpoints.chat_completions},
+    "/v1/embeddings": {"POST": endpoints.embeddings},
+    "/v1/models": {"GET": endpoints.list_models},
+}
+_MODEL_PATH = "/v1/models/"
+
+
+def _resolve(method: str, path: str) -> Endpoint:
+    """The endpoint for this method and path; 404 or 405 otherwise."""
+    path = path.rstrip("/") or path
+    methods = ENDPOINTS.get(path)
+    if methods is None and path.startswith(_MODEL_PATH) and len(path) > len(_MODEL_PATH):
+        model = path[len(_MODEL_PATH) :]
+        methods = {"GET": lambda request, runtime: endpoints.retrieve_model(request, runtime, model)}
+    if methods is None:
+        raise NotFound(f"Unknown endpoint: {method} {path}", code="unknown_url")
+    endpoint = methods.get(method)
+    if endpoint is None:
+        raise MethodNotAllowed(
+            f"{method} is not allowed on {path}; use {', '.join(methods)}.",
+            headers={"allow": ", ".join(methods)},
+        )
+    return endpoint
+
+
+class ProxyApp:
+    """Serves /v1/ and owns the proxy runtime through the ASGI lifespan."""
+
+    def __init__(self) -> None:
+        self.runtime = ProxyRuntime()
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if not self._started:  # a server without lifespan support
+            await self._start()
+        await self._http(scope, receive, send)
+
+    async def _start(self) -> None:
+        self._started = True
+        await self.runtime.start()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._start()
+                except Exception as exc:
+                    logger.exception("Proxy startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response: Response | StreamingResponse
+        request_id = None
+        try:
+            endpoint = _resolve(scope["method"], scope["path"])
+            request = await read_request(
+                scope, receive, max_bytes=settings.TOLLGATE_MAX_REQUEST_BYTES
+            )
+            request_id = request.request_id
+            response = await endpoint(request, self.runtime)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            response = error_response(exc, request_id=request_id)
+        except Exception:
+            logger.exception("Unhandled error on %s %s", scope["method"], scope["path"])
+            response = error_response(
+                GatewayError("The gateway failed to handle the request."), request_id=request_id
+            )
+        if isinstance(response, StreamingResponse):
+            await send_stream(send, receive, response)
+        else:
+            await send_response(send, response)

@@ -1,0 +1,95 @@
+"""Settling a request into exactly one usage event."""
+
+from datetime import UTC, datetime
+
+from billing.contracts import TokenUsage, UsageRecord
+from billing.ingest import UsageBuffer
+from billing.pricing import cost_nanos
+from routing.contracts import DeploymentSpec, RoutePlan
+from routing.proxy.http import ProxyRequest
+from routing.snapshot import ConfigSnapshot
+from tenants.contracts import KeyContext
+
+
+class Meter:
+    """What one authenticated request did; `record` emits its usage event once."""
+
+    def __init__(
+        self,
+        *,
+        request: ProxyRequest,
+        key: KeyContext,
+        endpoint: str,
+        snapshot: ConfigSnapshot,
+        sink: UsageBuffer,
+    ) -> None:
+        self._request = request
+        self._key = key
+        self._snapshot = snapshot
+        self._sink = sink
+        self._recorded = False
+        self.endpoint = endpoint
+        self.model = ""
+        self.is_stream = False
+        self.route: RoutePlan | None = None
+        self.deployment: DeploymentSpec | None = None
+        self.ttft_ms: int | None = None
+
+    def first_byte_sent(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = self._request.elapsed_ms()
+
+    def record(
+        self,
+        *,
+        outcome: str,
+        status_code: int,
+        usage: TokenUsage | None = None,
+        error_class: str = "",
+    ) -> None:
+        """Price the usage and queue the event; later calls are ignored."""
+        if self._recorded:
+            return
+        self._recorded = True
+        usage = usage or TokenUsage()
+        deployment = self.deployment
+        price_id, cost, priced = None, 0, True
+        if deployment is not None and not usage.is_zero:
+            rates = self._snapshot.price_for(
+                provider_kind=deployment.provider_kind,
+                model=deployment.upstream_model,
+                org_id=self._key.org_id,
+                moment=self._request.started_at,
+            )
+            if rates is None:
+                priced = False  # flagged for finance, never silently free
+            else:
+                price_id, cost = rates.price_id, cost_nanos(usage=usage, rates=rates)
+        self._sink.add(
+            UsageRecord(
+                event_id=self._request.event_id,
+                org_id=self._key.org_id,
+                team_id=self._key.team_id,
+                key_id=self._key.key_id,
+                endpoint=self.endpoint,
+                model=self.model,
+                outcome=outcome,
+                status_code=status_code,
+                started_at=self._request.started_at,
+                finished_at=datetime.now(UTC),
+                route_id=self.route.route_id if self.route else None,
+                deployment_id=deployment.deployment_id if deployment else None,
+                deployment_name=deployment.name if deployment else "",
+                provider_kind=deployment.provider_kind if deployment else "",
+                upstream_model=deployment.upstream_model if deployment else "",
+                usage=usage,
+                cost_nanos=cost,
+                price_id=price_id,
+                priced=priced,
+                error_class=error_class,
+                is_stream=self.is_stream,
+                latency_ms=self._request.elapsed_ms(),
+                ttft_ms=self.ttft_ms,
+            )
+        )
+

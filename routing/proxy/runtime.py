@@ -1,0 +1,107 @@
+"""Per-process state of the proxy: configuration snapshot, upstream session,
+usage buffer, and the one thread that talks to the database."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import aiohttp
+from django.conf import settings
+from django.db import connections
+
+from billing.ingest import UsageBuffer
+from routing.providers import adapters_for
+from routing.providers.base import ProviderAdapter
+from routing.selectors import config_snapshot_load
+from routing.snapshot import EMPTY_SNAPSHOT, ConfigSnapshot
+from tenants.config import config_revision_get
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _closing_connections(function: Callable[[], T]) -> Callable[[], T]:
+    def run() -> T:
+        try:
+            return function()
+        finally:
+            # Hand the connection back (to the pool, on PostgreSQL) after every
+            # job, so a database restart never leaves this thread a dead one.
+            connections.close_all()
+
+    return run
+
+
+class ProxyRuntime:
+    def __init__(self) -> None:
+        self.snapshot: ConfigSnapshot = EMPTY_SNAPSHOT
+        self.adapters: dict[str, ProviderAdapter] = {}
+        self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-db")
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.usage = UsageBuffer(
+            run_sync=self.run_in_database_thread,
+            flush_interval_s=settings.TOLLGATE_USAGE_FLUSH_SECONDS,
+            batch_size=settings.TOLLGATE_USAGE_BATCH_SIZE,
+        )
+
+    async def run_in_database_thread(self, function: Callable[[], T]) -> T:
+        """Run ORM code off the event loop, in the runtime's database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._database, _closing_connections(function))
+
+    async def start(self) -> None:
+        """Load configuration, open the upstream pool, start background loops."""
+        self.snapshot = await self.run_in_database_thread(config_snapshot_load)
+        connector = aiohttp.TCPConnector(
+            limit=settings.TOLLGATE_UPSTREAM_MAX_CONNECTIONS,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=60,
+        )
+        # trust_env=False: tenant traffic must never pick up a proxy from the environment.
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self.adapters = adapters_for(self._session)
+        self._tasks = [
+            asyncio.create_task(self._follow_configuration(), name="tollgate-config"),
+            asyncio.create_task(self.usage.run(), name="tollgate-usage"),
+        ]
+        logger.info(
+            "Proxy ready: %d keys, %d routes",
+            len(self.snapshot.keys_by_prefix),
+            len(self.snapshot.routes),
+        )
+
+    async def stop(self) -> None:
+        """Stop the loops, write every pending usage event, close the pool."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _attempt in range(3):
+            if await self.usage.flush():
+                break
+            await asyncio.sleep(0.5)
+        if self.usage.pending:
+            logger.error("Shutting down with %d usage events unwritten", self.usage.pending)
+        if self._session is not None:
+            await self._session.close()
+        self._database.shutdown(wait=True)
+
+    async def _follow_configuration(self) -> None:
+        """Reload the snapshot whenever the configuration revision changes."""
+        interval_s = settings.TOLLGATE_CONFIG_POLL_SECONDS
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                revision = await self.run_in_database_thread(config_revision_get)
+                if revision != self.snapshot.revision:
+                    self.snapshot = await self.run_in_database_thread(config_snapshot_load)
+            except Exception:
+                # Keep serving the last good snapshot while the database is away.
+                logger.exception("Reloading the proxy configuration failed")

@@ -1,0 +1,216 @@
+"""The proxy pipeline's steps: small functions that take and return contracts
+and raise a GatewayError on failure. None of them does I/O."""
+
+import math
+import random
+from typing import Any
+
+import orjson
+
+from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest, RoutePlan
+from routing.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NoDeploymentAvailable,
+    NotFound,
+    PermissionDenied,
+)
+from routing.proxy.http import ProxyRequest
+from routing.snapshot import ConfigSnapshot
+from tenants.contracts import KeyContext
+from tenants.keys import key_matches, key_prefix
+
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_MAX_MODEL_NAME = 256
+
+
+def presented_key(request: ProxyRequest) -> str | None:
+    """The API key from `Authorization: Bearer …` or `x-api-key`."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+def authenticate(request: ProxyRequest, snapshot: ConfigSnapshot) -> KeyContext:
+    """The active key the request presents; 401 otherwise, without saying why it is unknown."""
+    presented = presented_key(request)
+    if presented is None:
+        raise AuthenticationFailed(
+            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    prefix = key_prefix(presented)
+    key = snapshot.keys_by_prefix.get(prefix) if prefix else None
+    if key is None or not key_matches(presented, key.secret_hash):
+        raise AuthenticationFailed("Incorrect API key provided.")
+    if key.is_expired(request.started_at):
+        raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+    return key
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _model(data: dict[str, Any]) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    if len(model) > _MAX_MODEL_NAME:
+        raise InvalidRequest("'model' is too long.", param="model")
+    return model
+
+
+def _check_optional(
+    data: dict[str, Any], name: str, valid: bool, expectation: str
+) -> None:
+    if name in data and data[name] is not None and not valid:
+        raise InvalidRequest(f"'{name}' must be {expectation}.", param=name)
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where)
+        role = message.get("role")
+        if role not in _MESSAGE_ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be one of {', '.join(sorted(_MESSAGE_ROLES))}.",
+                param=f"{where}.role",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"'{where}.content' must be a string or an array of content parts.",
+                param=f"{where}.content",
+            )
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """A validated chat-completions request; 400 naming the first bad field."""
+    data = _json_object(body)
+    model = _model(data)
+    _check_messages(data.get("messages"))
+    get = data.get
+    _check_optional(data, "stream", isinstance(get("stream"), bool), "a boolean")
+    _check_optional(data, "stream_options", isinstance(get("stream_options"), dict), "an object")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        _check_optional(data, name, _is_int(get(name)) and get(name) >= 1, "a positive integer")
+    _check_optional(data, "seed", _is_int(get("seed")), "an integer")
+    _check_optional(
+        data, "temperature", _is_number(get("temperature")) and 0 <= get("temperature") <= 2,
+        "a number from 0 to 2",
+    )  # fmt: skip
+    _check_optional(
+        data, "top_p", _is_number(get("top_p")) and 0 <= get("top_p") <= 1, "a number from 0 to 1"
+    )
+    for name in ("presence_penalty", "frequency_penalty"):
+        _check_optional(
+            data, name, _is_number(get(name)) and -2 <= get(name) <= 2, "a number from -2 to 2"
+        )
+    stop = get("stop")
+    _check_optional(
+        data, "stop",
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+        "a string or an array of strings",
+    )  # fmt: skip
+    _check_optional(data, "tools", isinstance(get("tools"), list), "an array")
+    _check_optional(data, "tool_choice", isinstance(get("tool_choice"), str | dict), "valid")
+    _check_optional(data, "response_format", isinstance(get("response_format"), dict), "an object")
+    _check_optional(data, "user", isinstance(get("user"), str), "a string")
+    stream = bool(get("stream"))
+    options = get("stream_options") or {}
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise InvalidRequest(
+            "'stream_options.include_usage' must be a boolean.",
+            param="stream_options.include_usage",
+        )
+    return ChatRequest(
+        model=model, payload=data, stream=stream, include_usage=stream and bool(include_usage)
+    )
+
+
+def _valid_embedding_input(value: object) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    if not isinstance(value, list) or not value:
+        return False
+    if all(isinstance(item, str) for item in value):
+        return True
+    if all(_is_int(item) for item in value):
+        return True
+    return all(
+        isinstance(item, list) and item and all(_is_int(token) for token in item) for item in value
+    )
+
+
+def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
+    """A validated embeddings request; 400 naming the first bad field."""
+    data = _json_object(body)
+    model = _model(data)
+    if not _valid_embedding_input(data.get("input")):
+        raise InvalidRequest(
+            "'input' must be a non-empty string, array of strings, or array of token arrays.",
+            param="input",
+        )
+    _check_optional(
+        data, "encoding_format", data.get("encoding_format") in ("float", "base64"),
+        "'float' or 'base64'",
+    )  # fmt: skip
+    dimensions = data.get("dimensions")
+    _check_optional(data, "dimensions", _is_int(dimensions) and dimensions >= 1, "a positive integer")
+    _check_optional(data, "user", isinstance(data.get("user"), str), "a string")
+    return EmbeddingsRequest(model=model, payload=data)
+
+
+def resolve_route(snapshot: ConfigSnapshot, key: KeyContext, model: str) -> RoutePlan:
+    """The route serving `model` for this key's org: 404 if none, 403 if the key may not use it."""
+    plan = snapshot.route_for(org_id=key.org_id, model=model)
+    if plan is None:
+        raise NotFound(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    if not key.may_use(model):
+        raise PermissionDenied(
+            f"This API key is not allowed to use the model '{model}'.", param="model"
+        )
+    return plan
+
+
+def choose_deployment(plan: RoutePlan) -> DeploymentSpec:
+    """The deployment to call, by the route's strategy."""
+    if not plan.deployments:
+        raise NoDeploymentAvailable(
+            f"No deployment is currently available for the model '{plan.model_name}'."
+        )
+    if plan.strategy == "weighted":
+        weights = [deployment.weight for deployment in plan.deployments]
+        if sum(weights) > 0:
+            return random.choices(plan.deployments, weights=weights)[0]
+    return plan.deployments[0]

@@ -1,0 +1,217 @@
+"""Writes for organizations, teams, members, virtual keys and budgets."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import models, transaction
+from django.utils import timezone
+
+from tenants.keys import generate_key
+from tenants.models import AuditLog, Budget, Membership, Organization, Team, VirtualKey
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a change: a signed-in user, or a named tool such as "cli"."""
+
+    user: AbstractBaseUser | None = None
+    label: str = ""
+    ip_address: str | None = None
+
+    @classmethod
+    def system(cls, label: str) -> "Actor":
+        return cls(label=label)
+
+
+def audit_record(
+    *,
+    actor: Actor,
+    org: Organization | None,
+    action: str,
+    target: models.Model,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> AuditLog:
+    """Append one audit entry; callers pass only values that are safe to show."""
+    return AuditLog.objects.create(
+        org=org,
+        actor=actor.user if actor.user is not None and actor.user.pk else None,
+        actor_label=actor.label or (str(actor.user) if actor.user else ""),
+        action=action,
+        target_type=target._meta.label_lower,
+        target_id=str(target.pk),
+        before=before,
+        after=after,
+        ip_address=actor.ip_address,
+    )
+
+
+@transaction.atomic
+def organization_create(
+    *, slug: str, name: str, actor: Actor, time_zone: str = "UTC"
+) -> Organization:
+    """Create an organization."""
+    org = Organization(slug=slug, name=name, time_zone=time_zone)
+    org.full_clean()
+    org.save()
+    audit_record(
+        actor=actor,
+        org=org,
+        action="organization.create",
+        target=org,
+        after={"slug": slug, "name": name, "time_zone": time_zone},
+    )
+    return org
+
+
+@transaction.atomic
+def team_create(*, org: Organization, slug: str, name: str, actor: Actor) -> Team:
+    """Create a team inside `org`."""
+    team = Team(org=org, slug=slug, name=name)
+    team.full_clean()
+    team.save()
+    audit_record(
+        actor=actor, org=org, action="team.create", target=team, after={"slug": slug, "name": name}
+    )
+    return team
+
+
+@transaction.atomic
+def membership_set(
+    *,
+    org: Organization,
+    user: AbstractBaseUser,
+    role: str,
+    actor: Actor,
+    team: Team | None = None,
+) -> Membership:
+    """Give `user` the `role` in `org`, creating or updating the membership."""
+    membership = Membership.objects.filter(org=org, user=user).first()
+    before = {"role": membership.role} if membership else None
+    if membership is None:
+        membership = Membership(org=org, user=user)
+    membership.role = role
+    membership.team = team
+    membership.full_clean()
+    membership.save()
+    audit_record(
+        actor=actor,
+        org=org,
+        action="membership.set",
+        target=membership,
+        before=before,
+        after={"user": str(user), "role": role, "team": team.slug if team else None},
+    )
+    return membership
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: VirtualKey
+    plaintext: str  # shown to the user once; only its hash is stored
+
+
+@transaction.atomic
+def virtual_key_issue(
+    *,
+    org: Organization,
+    name: str,
+    actor: Actor,
+    team: Team | None = None,
+    owner: AbstractBaseUser | None = None,
+    allowed_models: Sequence[str] = (),
+    expires_at: datetime | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> IssuedKey:
+    """Create an active key; the plaintext is returned here and nowhere else."""
+    generated = generate_key()
+    key = VirtualKey(
+        org=org,
+        team=team,
+        owner=owner,
+        name=name,
+        prefix=generated.prefix,
+        secret_hash=generated.secret_hash,
+        allowed_models=sorted(set(allowed_models)),
+        expires_at=expires_at,
+        metadata=metadata or {},
+    )
+    key.full_clean()
+    key.save()
+    audit_record(
+        actor=actor,
+        org=org,
+        action="virtual_key.issue",
+        target=key,
+        after={
+            "name": name,
+            "prefix": key.prefix,
+            "team": team.slug if team else None,
+            "allowed_models": key.allowed_models,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    return IssuedKey(key=key, plaintext=generated.plaintext)
+
+
+@transaction.atomic
+def virtual_key_revoke(*, key: VirtualKey, actor: Actor) -> VirtualKey:
+    """Revoke `key` for good; every web process stops accepting it within a poll interval."""
+    if key.revoked_at is not None:
+        return key
+    key.revoked_at = timezone.now()
+    key.save(update_fields=["revoked_at", "updated_at"])
+    audit_record(
+        actor=actor,
+        org=key.org,
+        action="virtual_key.revoke",
+        target=key,
+        before={"revoked_at": None},
+        after={"revoked_at": key.revoked_at.isoformat()},
+    )
+    return key
+
+
+@transaction.atomic
+def budget_create(
+    *,
+    org: Organization,
+    scope: str,
+    limit_nanos: int,
+    actor: Actor,
+    period: str = Budget.Period.MONTHLY,
+    team: Team | None = None,
+    key: VirtualKey | None = None,
+    enforcement: str = Budget.Enforcement.HARD,
+    soft_thresholds: Sequence[int] = (50, 80, 100),
+) -> Budget:
+    """Create a budget on the org, one of its teams or one of its keys."""
+    budget = Budget(
+        org=org,
+        scope=scope,
+        team=team,
+        key=key,
+        period=period,
+        limit_nanos=limit_nanos,
+        enforcement=enforcement,
+        soft_thresholds=list(soft_thresholds),
+    )
+    budget.full_clean()
+    budget.save()
+    audit_record(
+        actor=actor,
+        org=org,
+        action="budget.create",
+        target=budget,
+        after={
+            "scope": scope,
+            "period": period,
+            "limit_nanos": limit_nanos,
+            "enforcement": enforcement,
+            "soft_thresholds": list(soft_thresholds),
+        },
+    )
+    return budget
