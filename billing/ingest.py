@@ -7,6 +7,7 @@ a batch retried after a failure is never counted twice.
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -79,16 +80,21 @@ def usage_events_write(records: Sequence[UsageRecord]) -> None:
 
 
 def _write_one_detached(event: UsageEvent) -> None:
-    try:
-        with transaction.atomic():
-            UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
+    """Store one event, dropping links to a key or team deleted since the request.
+
+    An event whose organization is gone cannot be attributed to anyone: it is
+    logged and dropped rather than blocking every event queued behind it.
+    """
+    for detach in (False, True):
+        if detach:
+            event.key_id = event.team_id = None
+        try:
+            with transaction.atomic():
+                UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
             return
-    except IntegrityError:
-        pass
-    event.key_id = None
-    event.team_id = None
-    with transaction.atomic():
-        UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
+        except IntegrityError:
+            continue
+    logger.error("Usage event %s dropped: its organization no longer exists", event.id)
 
 
 class UsageBuffer:
@@ -122,10 +128,8 @@ class UsageBuffer:
         """Flush forever (until cancelled), backing off while the database fails."""
         while True:
             delay = self._flush_interval_s * min(2**self._failures, 60)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             self._wake.clear()
             await self.flush()
 

@@ -26,6 +26,12 @@ def cost_nanos(*, usage: TokenUsage, rates: PriceRates) -> int:
     return int(nanos.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+def _later(current: PriceRates | None, candidate: PriceRates) -> PriceRates:
+    if current is None or candidate.effective_from > current.effective_from:
+        return candidate
+    return current
+
+
 def price_pick(
     candidates: Iterable[PriceRates], *, org_id: int, moment: datetime
 ) -> PriceRates | None:
@@ -39,11 +45,9 @@ def price_pick(
         if not rates.applies_at(moment):
             continue
         if rates.org_id == org_id:
-            if override is None or rates.effective_from > override.effective_from:
-                override = rates
+            override = _later(override, rates)
         elif rates.org_id is None:
-            if list_price is None or rates.effective_from > list_price.effective_from:
-                list_price = rates
+            list_price = _later(list_price, rates)
     return override or list_price
 
 

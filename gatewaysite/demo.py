@@ -213,9 +213,7 @@ def demo_seed(*, mock_base_url: str, admin_password: str, now: datetime | None =
             org=org, slug=slug, name=name, actor=_ACTOR
         )
     if not Budget.objects.filter(org=org).exists():
-        budget_create(
-            org=org, scope=Budget.Scope.ORG, limit_nanos=250 * 10**9, actor=_ACTOR
-        )
+        budget_create(org=org, scope=Budget.Scope.ORG, limit_nanos=250 * 10**9, actor=_ACTOR)
         budget_create(
             org=org,
             scope=Budget.Scope.TEAM,

@@ -156,7 +156,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "tollgate.sqlite3",
+            "NAME": env_str("TOLLGATE_SQLITE_PATH", str(VAR_DIR / "tollgate.sqlite3")),
             # Web, worker and management commands share the file: WAL lets
             # readers run beside the writer, IMMEDIATE avoids upgrade deadlocks.
             "OPTIONS": {
@@ -185,7 +185,9 @@ else:
 RATELIMIT_USE_CACHE = "default"
 # Django's own RedisCache increments atomically, which is all django-ratelimit
 # needs; in the embedded default one process owns the local-memory cache.
-SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + ([] if REDIS_URL else ["django_ratelimit.E003"])
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + (
+    [] if REDIS_URL else ["django_ratelimit.E003"]
+)
 
 # ---------------------------------------------------------------- Celery
 

@@ -91,7 +91,7 @@ class OpenAIStream(UpstreamStream):
                         # Tollgate always asks for usage; only clients that did see it.
                         if not self._include_usage and not chunk.get("choices"):
                             continue
-                elif b'"content":"' in data:
+                elif b'"content":"' in data and b'"content":""' not in data:
                     self._content_events += 1
             out.append(event)
             out.append(b"\n\n")
@@ -128,14 +128,14 @@ class OpenAIAdapter(ProviderAdapter):
         payload: dict[str, Any],
         *,
         request_id: str,
-        timeout: aiohttp.ClientTimeout,
+        client_timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         with client_errors_mapped():
             response = await self.session.post(
                 deployment.base_url + path,
                 data=orjson.dumps(payload),
                 headers=self._headers(deployment, request_id),
-                timeout=timeout,
+                timeout=client_timeout,
                 allow_redirects=False,
             )
         try:
@@ -159,7 +159,7 @@ class OpenAIAdapter(ProviderAdapter):
             total=deployment.total_timeout_s, sock_connect=deployment.connect_timeout_s
         )
         response = await self._post(
-            deployment, path, payload, request_id=request_id, timeout=timeout
+            deployment, path, payload, request_id=request_id, client_timeout=timeout
         )
         try:
             with client_errors_mapped():
@@ -176,9 +176,7 @@ class OpenAIAdapter(ProviderAdapter):
         self, deployment: DeploymentSpec, chat: ChatRequest, *, request_id: str
     ) -> UpstreamReply:
         payload = {**chat.payload, "model": deployment.upstream_model}
-        return await self._complete(
-            deployment, "/chat/completions", payload, request_id=request_id
-        )
+        return await self._complete(deployment, "/chat/completions", payload, request_id=request_id)
 
     async def chat_stream(
         self, deployment: DeploymentSpec, chat: ChatRequest, *, request_id: str
@@ -203,7 +201,7 @@ class OpenAIAdapter(ProviderAdapter):
                     "/chat/completions",
                     payload,
                     request_id=request_id,
-                    timeout=timeout,
+                    client_timeout=timeout,
                 )
         return OpenAIStream(
             response, include_usage=chat.include_usage, first_event_deadline=first_event_deadline

@@ -40,7 +40,9 @@ def _resolve(method: str, path: str) -> Endpoint:
     methods = ENDPOINTS.get(path)
     if methods is None and path.startswith(_MODEL_PATH) and len(path) > len(_MODEL_PATH):
         model = path[len(_MODEL_PATH) :]
-        methods = {"GET": lambda request, runtime: endpoints.retrieve_model(request, runtime, model)}
+        methods = {
+            "GET": lambda request, runtime: endpoints.retrieve_model(request, runtime, model)
+        }
     if methods is None:
         raise NotFound(f"Unknown endpoint: {method} {path}", code="unknown_url")
     endpoint = methods.get(method)

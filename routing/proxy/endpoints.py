@@ -24,7 +24,10 @@ Outcome = UsageEvent.Outcome
 
 
 def _outcome_of(exc: GatewayError) -> str:
-    return Outcome.UPSTREAM_ERROR if isinstance(exc, UpstreamError) else Outcome.CLIENT_ERROR
+    """Upstream failures count against the provider; a rejected request against the client."""
+    if isinstance(exc, UpstreamError) and exc.retryable:
+        return Outcome.UPSTREAM_ERROR
+    return Outcome.CLIENT_ERROR
 
 
 async def chat_completions(

@@ -145,7 +145,9 @@ async def send_stream(send: Send, receive: Receive, response: StreamingResponse)
     watcher = asyncio.create_task(watch_for_disconnect())
     try:
         async with contextlib.aclosing(response.chunks) as chunks:
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finished = True

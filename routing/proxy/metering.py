@@ -92,4 +92,3 @@ class Meter:
                 ttft_ms=self.ttft_ms,
             )
         )
-

@@ -81,9 +81,7 @@ def _model(data: dict[str, Any]) -> str:
     return model
 
 
-def _check_optional(
-    data: dict[str, Any], name: str, valid: bool, expectation: str
-) -> None:
+def _check_optional(data: dict[str, Any], name: str, valid: bool, expectation: str) -> None:
     if name in data and data[name] is not None and not valid:
         raise InvalidRequest(f"'{name}' must be {expectation}.", param=name)
 
@@ -182,7 +180,9 @@ def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
         "'float' or 'base64'",
     )  # fmt: skip
     dimensions = data.get("dimensions")
-    _check_optional(data, "dimensions", _is_int(dimensions) and dimensions >= 1, "a positive integer")
+    _check_optional(
+        data, "dimensions", _is_int(dimensions) and dimensions >= 1, "a positive integer"
+    )
     _check_optional(data, "user", isinstance(data.get("user"), str), "a string")
     return EmbeddingsRequest(model=model, payload=data)
 

@@ -21,7 +21,9 @@ class Command(BaseCommand):
             raise CommandError(
                 "seed_demo creates a superuser with a known password: it only runs with DEBUG on."
             )
-        seed = demo_seed(mock_base_url=options["mock_url"], admin_password=options["admin_password"])
+        seed = demo_seed(
+            mock_base_url=options["mock_url"], admin_password=options["admin_password"]
+        )
         base = f"http://127.0.0.1:{options['port']}"
         key = seed.keys["platform-app"]
         self.stdout.write(

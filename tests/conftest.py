@@ -1,0 +1,122 @@
+"""Shared fixtures: tenants, routes to the mock provider, and live servers.
+
+The suite runs twice: against PostgreSQL + Redis (DATABASE_URL/REDIS_URL set)
+and against the embedded default (SQLite, in-process), see the Makefile.
+"""
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from billing.models import ModelPrice
+from routing.models import Deployment, Provider, Route
+from tenants.models import Organization, Team
+from tenants.services import Actor, virtual_key_issue
+from tests.factories import OrganizationFactory, TeamFactory
+from tests.support.gateway import GatewayServer, gateway_server, wait_for_key
+from tests.support.processes import mock_provider
+
+TEST_ACTOR = Actor.system("tests")
+
+
+@pytest.fixture(scope="session")
+def mock_url() -> Iterator[str]:
+    """Base URL (…/v1) of a built-in mock provider running for the whole session."""
+    with mock_provider() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def gateway(django_db_setup: None, mock_url: str) -> Iterator[GatewayServer]:
+    """A real Tollgate server (uvicorn) on the test database, for the whole session."""
+    with gateway_server() as server:
+        yield server
+
+
+@pytest.fixture
+def org(db: None) -> Organization:
+    return OrganizationFactory()
+
+
+@pytest.fixture
+def team(org: Organization) -> Team:
+    return TeamFactory(org=org)
+
+
+MakeRoute = Callable[..., Route]
+
+
+@pytest.fixture
+def make_route(mock_url: str) -> MakeRoute:
+    """Build a route to the mock provider: `make_route(model="m", org=org, ...)`.
+
+    `upstream_model` may carry mock directives (`"m+fault=500"`); prices are
+    USD per million tokens for the deployment's upstream model.
+    """
+
+    def build(
+        *,
+        model: str,
+        org: Organization | None = None,
+        upstream_model: str | None = None,
+        provider_org: Organization | None = None,
+        base_url: str | None = None,
+        price: tuple[str, str] | None = ("1.00", "2.00"),
+        **deployment_fields: Any,
+    ) -> Route:
+        provider = Provider(
+            org=provider_org,
+            name=f"mock for {model}",
+            kind=Provider.Kind.MOCK,
+            base_url=base_url or mock_url,
+        )
+        provider.set_api_key("sk-upstream-secret-for-tests")
+        provider.save()
+        upstream_model = upstream_model or model
+        deployment = Deployment.objects.create(
+            provider=provider,
+            name=f"{model}-deployment",
+            upstream_model=upstream_model,
+            **deployment_fields,
+        )
+        route = Route.objects.create(org=org, model_name=model)
+        route.deployments.add(deployment)
+        if price is not None:
+            ModelPrice.objects.create(
+                provider_kind=Provider.Kind.MOCK,
+                model=upstream_model,
+                input_usd_per_mtok=Decimal(price[0]),
+                output_usd_per_mtok=Decimal(price[1]),
+                effective_from=datetime(2020, 1, 1, tzinfo=UTC),
+            )
+        return route
+
+    return build
+
+
+IssueKey = Callable[..., str]
+
+
+@pytest.fixture
+def issue_key() -> IssueKey:
+    """Issue a key through the service and return its plaintext."""
+
+    def issue(org: Organization, *, name: str = "test key", **fields: Any) -> str:
+        return virtual_key_issue(org=org, name=name, actor=TEST_ACTOR, **fields).plaintext
+
+    return issue
+
+
+@pytest.fixture
+def live_key(gateway: GatewayServer, issue_key: IssueKey) -> IssueKey:
+    """Like issue_key, but waits until the running gateway accepts the key."""
+
+    def issue(org: Organization, **fields: Any) -> str:
+        plaintext = issue_key(org, **fields)
+        wait_for_key(gateway, plaintext)
+        return plaintext
+
+    return issue

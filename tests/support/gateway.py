@@ -1,0 +1,108 @@
+"""A real Tollgate server for end-to-end tests, plus helpers to wait on it."""
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from django.conf import settings
+
+from tests.support.processes import REPO_ROOT, free_port, running_process
+
+T = TypeVar("T")
+
+# Small limits so the tests can reach them cheaply.
+TEST_MAX_REQUEST_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayServer:
+    base_url: str  # e.g. http://127.0.0.1:PORT
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+
+def _database_env() -> dict[str, str]:
+    """Point the server at the database the test session created."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        return {"TOLLGATE_SQLITE_PATH": str(database["NAME"])}
+    credentials = quote(database["USER"] or "")
+    if database.get("PASSWORD"):
+        credentials += ":" + quote(database["PASSWORD"])
+    host = database["HOST"] or "127.0.0.1"
+    port = database["PORT"] or "5432"
+    return {"DATABASE_URL": f"postgres://{credentials}@{host}:{port}/{database['NAME']}"}
+
+
+@contextmanager
+def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
+    """Run uvicorn with Tollgate's ASGI application against the test database."""
+    port = free_port()
+    env = {
+        **os.environ,
+        **_database_env(),
+        "PYTHONUNBUFFERED": "1",
+        "TOLLGATE_CONFIG_POLL_SECONDS": "0.05",
+        "TOLLGATE_USAGE_FLUSH_SECONDS": "0.05",
+        "TOLLGATE_MAX_REQUEST_BYTES": str(TEST_MAX_REQUEST_BYTES),
+        **extra_env,
+    }
+    args = [
+        sys.executable, "-m", "uvicorn", "gatewaysite.asgi:application",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+    ]  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    with running_process(args, env=env, ready_url=f"{base_url}/v1/models", cwd=REPO_ROOT):
+        yield GatewayServer(base_url=base_url)
+
+
+def wait_until(check: Callable[[], T], *, timeout_s: float = 10.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_key(gateway: GatewayServer, plaintext: str) -> None:
+    """Wait until the server's snapshot accepts `plaintext` (new keys take one poll)."""
+
+    def accepted() -> bool:
+        response = httpx.get(
+            f"{gateway.v1}/models", headers={"authorization": f"Bearer {plaintext}"}
+        )
+        return response.status_code == 200
+
+    wait_until(accepted, what="the gateway to accept the new key")
+
+
+def wait_for_config(gateway: GatewayServer, plaintext: str, model: str) -> None:
+    """Wait until the server lists `model` for this key (routes take one poll)."""
+
+    def listed() -> bool:
+        response = httpx.get(
+            f"{gateway.v1}/models", headers={"authorization": f"Bearer {plaintext}"}
+        )
+        return response.status_code == 200 and any(
+            item["id"] == model for item in response.json()["data"]
+        )
+
+    wait_until(listed, what=f"the gateway to route {model}")
+
+
+def wait_for_events(queryset: Any, count: int) -> list[Any]:
+    """Wait until `queryset` holds at least `count` usage events and return them."""
+    wait_until(lambda: queryset.count() >= count, what=f"{count} usage event(s)")
+    return list(queryset)
