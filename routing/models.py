@@ -90,7 +90,7 @@ class Deployment(models.Model):
                 & Q(read_timeout_ms__gt=0)
                 & Q(total_timeout_ms__gt=0),
                 name="deployment_timeouts_positive",
-            )
+            ),
         ]
 
     def __str__(self) -> str:

@@ -40,9 +40,7 @@ class ConfigSnapshot:
         self, *, provider_kind: str, model: str, org_id: int, moment: datetime
     ) -> PriceRates | None:
         """The rates in force for this org at `moment`, or None if unpriced."""
-        return price_pick(
-            self.prices.get((provider_kind, model), ()), org_id=org_id, moment=moment
-        )
+        return price_pick(self.prices.get((provider_kind, model), ()), org_id=org_id, moment=moment)
 
 
 EMPTY_SNAPSHOT = ConfigSnapshot(revision="", keys_by_prefix={}, routes={}, prices={})

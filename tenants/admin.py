@@ -88,7 +88,15 @@ class BudgetAdmin(admin.ModelAdmin):
 class AuditLogAdmin(admin.ModelAdmin):
     """Read-only: the audit log is append-only."""
 
-    list_display = ["created_at", "org", "actor", "actor_label", "action", "target_type", "target_id"]
+    list_display = [
+        "created_at",
+        "org",
+        "actor",
+        "actor_label",
+        "action",
+        "target_type",
+        "target_id",
+    ]
     list_filter = ["org", "action"]
     search_fields = ["action", "target_id", "actor_label"]
 

@@ -15,6 +15,9 @@ class SecretUnreadable(Exception):
     """A stored secret cannot be decrypted with any configured key."""
 
 
+_UNREADABLE = "The secret was encrypted with a key that is not configured."
+
+
 @lru_cache(maxsize=4)
 def _fernet(keys: tuple[str, ...]) -> MultiFernet:
     return MultiFernet([Fernet(key.encode()) for key in keys])
@@ -34,7 +37,9 @@ def decrypt_secret(ciphertext: str) -> str:
     try:
         return _current().decrypt(ciphertext.encode()).decode()
     except InvalidToken:
-        raise SecretUnreadable("The secret was encrypted with a key that is not configured.") from None
+        raise SecretUnreadable(
+            "The secret was encrypted with a key that is not configured."
+        ) from None
 
 
 def reencrypt_secret(ciphertext: str) -> str:
@@ -42,4 +47,6 @@ def reencrypt_secret(ciphertext: str) -> str:
     try:
         return _current().rotate(ciphertext.encode()).decode()
     except InvalidToken:
-        raise SecretUnreadable("The secret was encrypted with a key that is not configured.") from None
+        raise SecretUnreadable(
+            "The secret was encrypted with a key that is not configured."
+        ) from None

@@ -41,6 +41,4 @@ def membership_role(*, user: object, org: Organization) -> str | None:
     """The user's role in `org`, "owner" for superusers, None for outsiders."""
     if getattr(user, "is_superuser", False):
         return Membership.Role.OWNER
-    return (
-        Membership.objects.filter(user=user, org=org).values_list("role", flat=True).first()
-    )
+    return Membership.objects.filter(user=user, org=org).values_list("role", flat=True).first()

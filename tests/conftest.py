@@ -16,7 +16,12 @@ from routing.models import Deployment, Provider, Route
 from tenants.models import Organization, Team
 from tenants.services import Actor, virtual_key_issue
 from tests.factories import OrganizationFactory, TeamFactory
-from tests.support.gateway import GatewayServer, gateway_server, wait_for_key
+from tests.support.gateway import (
+    GatewayServer,
+    gateway_server,
+    wait_for_key,
+    wait_for_usage_writes_to_settle,
+)
 from tests.support.processes import mock_provider
 
 TEST_ACTOR = Actor.system("tests")
@@ -111,12 +116,17 @@ def issue_key() -> IssueKey:
 
 
 @pytest.fixture
-def live_key(gateway: GatewayServer, issue_key: IssueKey) -> IssueKey:
-    """Like issue_key, but waits until the running gateway accepts the key."""
+def live_key(gateway: GatewayServer, issue_key: IssueKey) -> Iterator[IssueKey]:
+    """Like issue_key, but waits until the running gateway accepts the key.
+
+    Afterwards it waits for the gateway to finish writing this test's usage
+    events, so the test database is not flushed under the gateway's writes.
+    """
 
     def issue(org: Organization, **fields: Any) -> str:
         plaintext = issue_key(org, **fields)
         wait_for_key(gateway, plaintext)
         return plaintext
 
-    return issue
+    yield issue
+    wait_for_usage_writes_to_settle()

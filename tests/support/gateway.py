@@ -106,3 +106,18 @@ def wait_for_events(queryset: Any, count: int) -> list[Any]:
     """Wait until `queryset` holds at least `count` usage events and return them."""
     wait_until(lambda: queryset.count() >= count, what=f"{count} usage event(s)")
     return list(queryset)
+
+
+def wait_for_usage_writes_to_settle(*, quiet_s: float = 0.25, timeout_s: float = 10.0) -> None:
+    """Wait until no usage event has arrived for `quiet_s` (several flush intervals)."""
+    from billing.models import UsageEvent
+
+    deadline = time.monotonic() + timeout_s
+    last_count, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = UsageEvent.objects.count()
+        if count != last_count:
+            last_count, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            return
+        time.sleep(0.05)

@@ -1,4 +1,7 @@
-"""python manage.py createkey --org SLUG --name NAME [--team SLUG] [--models a,b] [--expires-days N]"""
+"""Issue a virtual key from the command line.
+
+python manage.py createkey --org SLUG --name NAME [--team SLUG] [--models a,b] [--expires-days N]
+"""
 
 from datetime import timedelta
 from typing import Any

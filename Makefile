@@ -1,0 +1,52 @@
+# Tollgate: `make run` runs the product (embedded default), `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+MOCK_PORT ?= 9100
+
+# Where the PostgreSQL + Redis half of the suite runs (pytest makes test_<name>).
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# Test-only secrets: the PostgreSQL run uses DEBUG off, as production does.
+TEST_SECRETS := SECRET_KEY=tollgate-test-secret-key-0123456789abcdefghijklmnopqrstuv \
+	TOLLGATE_ENCRYPTION_KEYS=dGVzdC1vbmx5LWZlcm5ldC1rZXktMDEyMzQ1Njc4OWE= \
+	ALLOWED_HOSTS=127.0.0.1,localhost,testserver
+
+.PHONY: install run stack mock test lint test-postgres test-embedded clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	PORT=$(PORT) MOCK_PORT=$(MOCK_PORT) bin/run-embedded
+
+stack: install
+	bin/run-stack
+
+mock: install
+	$(PY) -m routing.mockprovider --host 127.0.0.1 --port $(MOCK_PORT)
+
+test: install lint test-postgres test-embedded
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test-postgres: install
+	env DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) DEBUG=false $(TEST_SECRETS) \
+		$(PY) -m pytest $(PYTEST_ARGS)
+
+test-embedded: install
+	env -u DATABASE_URL -u REDIS_URL -u SECRET_KEY -u TOLLGATE_ENCRYPTION_KEYS -u DEBUG \
+		$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var
