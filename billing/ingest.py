@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 from django.db import IntegrityError, transaction
+from django.db.models import Case, DateTimeField, Value, When
+from django.db.models.functions import Coalesce, Greatest
 
 from billing.contracts import UsageRecord
 from billing.models import UsageEvent
@@ -70,13 +73,29 @@ def usage_events_write(records: Sequence[UsageRecord]) -> None:
         # A key or team deleted since the request: keep the event, drop the link.
         for event in events:
             _write_one_detached(event)
-    keyed = [record for record in records if record.key_id is not None]
-    if keyed:
-        # One UPDATE per batch: "last used" is exact to the flush interval, and
-        # .update() skips the signals that would invalidate every proxy snapshot.
-        VirtualKey.objects.filter(pk__in={record.key_id for record in keyed}).update(
-            last_used_at=max(record.finished_at for record in keyed)
-        )
+    _keys_mark_used(records)
+
+
+def _keys_mark_used(records: Sequence[UsageRecord]) -> None:
+    """Move each key's last_used_at forward to its newest request, never back.
+
+    One UPDATE for the whole batch; .update() also skips the signals that would
+    invalidate every proxy's configuration snapshot.
+    """
+    newest: dict[int, datetime] = {}
+    for record in records:
+        if record.key_id is not None:
+            seen = newest.get(record.key_id)
+            newest[record.key_id] = max(seen, record.finished_at) if seen else record.finished_at
+    if not newest:
+        return
+    used_at = Case(
+        *(When(pk=key_id, then=Value(moment)) for key_id, moment in newest.items()),
+        output_field=DateTimeField(),
+    )
+    VirtualKey.objects.filter(pk__in=newest).update(
+        last_used_at=Greatest(Coalesce("last_used_at", used_at), used_at)
+    )
 
 
 def _write_one_detached(event: UsageEvent) -> None:
@@ -87,7 +106,8 @@ def _write_one_detached(event: UsageEvent) -> None:
     """
     for detach in (False, True):
         if detach:
-            event.key_id = event.team_id = None
+            # The cost stays exact even if the price row it came from is gone.
+            event.key_id = event.team_id = event.price_id = None
         try:
             with transaction.atomic():
                 UsageEvent.objects.bulk_create([event], ignore_conflicts=True)

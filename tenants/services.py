@@ -160,6 +160,8 @@ def virtual_key_issue(
 @transaction.atomic
 def virtual_key_revoke(*, key: VirtualKey, actor: Actor) -> VirtualKey:
     """Revoke `key` for good; every web process stops accepting it within a poll interval."""
+    # Re-read under a row lock: two admins revoking at once change it once.
+    key = VirtualKey.objects.select_for_update().select_related("org").get(pk=key.pk)
     if key.revoked_at is not None:
         return key
     key.revoked_at = timezone.now()

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from django.conf import settings
+from django.db import connection
 
 from tests.support.processes import REPO_ROOT, free_port, running_process
 
@@ -29,17 +29,22 @@ class GatewayServer:
         return self.base_url + "/v1"
 
 
-def _database_env() -> dict[str, str]:
-    """Point the server at the database the test session created."""
-    database = settings.DATABASES["default"]
+def database_env() -> dict[str, str]:
+    """Point a server process at the test database.
+
+    Call it from a test marked django_db: only then has pytest-django created
+    the test database and renamed the connection to it.
+    """
+    database = connection.settings_dict
+    test_name = database["NAME"]
     if database["ENGINE"] == "django.db.backends.sqlite3":
-        return {"TOLLGATE_SQLITE_PATH": str(database["NAME"])}
+        return {"TOLLGATE_SQLITE_PATH": str(test_name)}
     credentials = quote(database["USER"] or "")
     if database.get("PASSWORD"):
         credentials += ":" + quote(database["PASSWORD"])
     host = database["HOST"] or "127.0.0.1"
     port = database["PORT"] or "5432"
-    return {"DATABASE_URL": f"postgres://{credentials}@{host}:{port}/{database['NAME']}"}
+    return {"DATABASE_URL": f"postgres://{credentials}@{host}:{port}/{test_name}"}
 
 
 @contextmanager
@@ -48,7 +53,7 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
     port = free_port()
     env = {
         **os.environ,
-        **_database_env(),
+        **database_env(),
         "PYTHONUNBUFFERED": "1",
         "TOLLGATE_CONFIG_POLL_SECONDS": "0.05",
         "TOLLGATE_USAGE_FLUSH_SECONDS": "0.05",
