@@ -65,7 +65,7 @@ class VirtualKeyAdmin(admin.ModelAdmin):
             metadata=obj.metadata,
             actor=_actor(request),
         )
-        obj.pk = issued.key.pk
+        obj.pk, obj.prefix = issued.key.pk, issued.key.prefix
         messages.warning(
             request,
             f"New key (shown only now, copy it): {issued.plaintext}",

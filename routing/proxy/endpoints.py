@@ -109,12 +109,16 @@ async def list_models(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
     """GET /v1/models: only the models this key may call."""
     snapshot = runtime.snapshot
     key = authenticate(request, snapshot)
+    meter = Meter(
+        request=request, key=key, endpoint="models", snapshot=snapshot, sink=runtime.usage
+    )
     data = []
     for name in snapshot.model_names_for(key):
         plan = snapshot.route_for(org_id=key.org_id, model=name)
         assert plan is not None
         owner = key.org_slug if plan.org_id is not None else "tollgate"
         data.append(_model_object(name, plan.created, owner))
+    meter.record(outcome=Outcome.SUCCESS, status_code=200)
     body = orjson.dumps({"object": "list", "data": data})
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})
 
@@ -123,12 +127,21 @@ async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: st
     """GET /v1/models/{model}: 404 unless this key may call it."""
     snapshot = runtime.snapshot
     key = authenticate(request, snapshot)
+    meter = Meter(
+        request=request, key=key, endpoint="models", snapshot=snapshot, sink=runtime.usage
+    )
+    meter.model = model
     plan = snapshot.route_for(org_id=key.org_id, model=model)
     if plan is None or not key.may_use(model):
-        raise NotFound(
+        exc = NotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             code="model_not_found",
         )
+        meter.record(
+            outcome=Outcome.CLIENT_ERROR, status_code=exc.status, error_class=exc.code or ""
+        )
+        raise exc
+    meter.record(outcome=Outcome.SUCCESS, status_code=200)
     owner = key.org_slug if plan.org_id is not None else "tollgate"
     body = orjson.dumps(_model_object(model, plan.created, owner))
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})

@@ -7,6 +7,7 @@ from datetime import timedelta
 import httpx
 import openai
 import pytest
+from django.db.models import QuerySet
 from django.utils import timezone
 from openai import OpenAI
 
@@ -26,6 +27,11 @@ from tests.support.gateway import (
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HELLO = [{"role": "user", "content": "Hello there, gateway"}]
+
+
+def calls(org) -> QuerySet[UsageEvent]:
+    """The org's usage events, less the /v1/models polls made while waiting for keys."""
+    return UsageEvent.objects.filter(org=org).exclude(endpoint="models")
 
 
 def client(gateway: GatewayServer, key: str) -> OpenAI:
@@ -50,7 +56,7 @@ def test_chat_completion_returns_the_upstream_answer_and_meters_it(
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens == 16
 
-    (event,) = wait_for_events(UsageEvent.objects.filter(org=org), 1)
+    (event,) = wait_for_events(calls(org), 1)
     assert event.outcome == UsageEvent.Outcome.SUCCESS
     assert event.status_code == 200
     assert (event.model, event.endpoint, event.is_stream) == (
@@ -81,7 +87,7 @@ def test_streamed_chat_matches_the_non_streamed_answer(gateway: GatewayServer, c
     # The client did not ask for usage, so it gets no usage chunk...
     assert all(chunk.usage is None for chunk in chunks)
     # ...but the gateway still metered the stream exactly.
-    events = wait_for_events(UsageEvent.objects.filter(org=org, is_stream=True), 1)
+    events = wait_for_events(calls(org).filter(is_stream=True), 1)
     assert events[0].output_tokens == whole.usage.completion_tokens
     assert events[0].input_tokens == whole.usage.prompt_tokens
     assert events[0].usage_estimated is False
@@ -123,7 +129,7 @@ def test_embeddings_in_float_and_base64(gateway: GatewayServer, chat_setup) -> N
     ).json()
     decoded = base64.b64decode(raw["data"][0]["embedding"])
     assert len(struct.unpack(f"<{len(decoded) // 4}f", decoded)) == len(as_floats.data[0].embedding)
-    events = wait_for_events(UsageEvent.objects.filter(org=org, endpoint="embeddings"), 3)
+    events = wait_for_events(calls(org).filter(endpoint="embeddings"), 3)
     assert all(event.outcome == UsageEvent.Outcome.SUCCESS for event in events)
     assert all(event.input_tokens > 0 for event in events)
 
@@ -198,7 +204,7 @@ def test_model_not_allowed_is_403_and_unknown_model_is_404(
         sdk.chat.completions.create(model="no-such-model", messages=HELLO)
     assert unknown.value.body["code"] == "model_not_found"
 
-    events = wait_for_events(UsageEvent.objects.filter(org=org), 2)
+    events = wait_for_events(calls(org), 2)
     assert sorted(event.status_code for event in events) == [403, 404]
     assert all(event.outcome == UsageEvent.Outcome.CLIENT_ERROR for event in events)
 
@@ -299,7 +305,7 @@ def test_upstream_failures_map_to_gateway_errors(
     assert raised.value.status_code == status
     assert "sk-upstream-secret-for-tests" not in raised.value.response.text
     assert "127.0.0.1" not in raised.value.response.text
-    (event,) = wait_for_events(UsageEvent.objects.filter(org=org), 1)
+    (event,) = wait_for_events(calls(org), 1)
     assert event.status_code == status
     expected = (
         UsageEvent.Outcome.CLIENT_ERROR if status == 400 else UsageEvent.Outcome.UPSTREAM_ERROR
@@ -341,7 +347,7 @@ def test_stream_cut_mid_way_ends_with_an_error_event_and_bills_what_was_produced
             received.append(chunk)
     assert "lost" in str(raised.value.message)
     assert received, "the chunks produced before the cut reach the client"
-    (event,) = wait_for_events(UsageEvent.objects.filter(org=org), 1)
+    (event,) = wait_for_events(calls(org), 1)
     assert event.outcome == UsageEvent.Outcome.UPSTREAM_ERROR
     assert event.output_tokens == 10  # half of the 20 words arrived
     assert event.usage_estimated
@@ -362,7 +368,7 @@ def test_client_disconnect_mid_stream_is_still_metered(
         lines = response.iter_lines()
         first_data = next(line for line in lines if line.startswith("data: "))
         assert first_data
-    (event,) = wait_for_events(UsageEvent.objects.filter(org=org), 1)
+    (event,) = wait_for_events(calls(org), 1)
     assert event.status_code == 499
     assert event.error_class == "client_disconnected"
     assert 0 <= event.output_tokens < 50
@@ -387,3 +393,13 @@ def test_team_of_another_org_cannot_be_attached_to_a_key(org) -> None:
 
     with pytest.raises(ValidationError):
         virtual_key_issue(org=org, team=TeamFactory(), name="x", actor=TEST_ACTOR)
+
+
+def test_model_listing_is_metered_too(gateway: GatewayServer, chat_setup) -> None:
+    org, _, key = chat_setup
+    before = UsageEvent.objects.filter(org=org, endpoint="models").count()
+    client(gateway, key).models.list()
+    wait_until(
+        lambda: UsageEvent.objects.filter(org=org, endpoint="models").count() == before + 1,
+        what="the models.list() usage event",
+    )
