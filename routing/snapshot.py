@@ -27,14 +27,13 @@ class ConfigSnapshot:
         """The org's own route for `model`, else the global one."""
         return self.routes.get((org_id, model)) or self.routes.get((None, model))
 
-    def model_names_for(self, key: KeyContext) -> list[str]:
-        """Public model names `key` may call, sorted."""
-        names = {
-            model
-            for (owner, model) in self.routes
-            if (owner is None or owner == key.org_id) and key.may_use(model)
-        }
-        return sorted(names)
+    def plans_for(self, key: KeyContext) -> list[RoutePlan]:
+        """The routes `key` may call, by model name (an org's own route over a global one)."""
+        chosen = {model: plan for (owner, model), plan in self.routes.items() if owner is None}
+        chosen.update(
+            {model: plan for (owner, model), plan in self.routes.items() if owner == key.org_id}
+        )
+        return [chosen[model] for model in sorted(chosen) if key.may_use(model)]
 
     def price_for(
         self, *, provider_kind: str, model: str, org_id: int, moment: datetime

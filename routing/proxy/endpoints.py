@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 import orjson
 
 from billing.models import UsageEvent
+from routing.contracts import RoutePlan
 from routing.errors import GatewayError, NotFound, UpstreamError
 from routing.providers import adapter_for
 from routing.providers.base import UpstreamStream
@@ -19,26 +20,29 @@ from routing.proxy.steps import (
     parse_embeddings_request,
     resolve_route,
 )
+from routing.snapshot import ConfigSnapshot
+from tenants.contracts import KeyContext
 
 Outcome = UsageEvent.Outcome
 
 
-def _outcome_of(exc: GatewayError) -> str:
-    """Upstream failures count against the provider; a rejected request against the client."""
-    if isinstance(exc, UpstreamError) and exc.retryable:
-        return Outcome.UPSTREAM_ERROR
-    return Outcome.CLIENT_ERROR
+def _authenticated(
+    request: ProxyRequest, runtime: ProxyRuntime, endpoint: str
+) -> tuple[ConfigSnapshot, KeyContext, Meter]:
+    """Authenticate against one snapshot and open the request's usage meter."""
+    snapshot = runtime.snapshot
+    key = authenticate(request, snapshot)
+    meter = Meter(
+        request=request, key=key, endpoint=endpoint, snapshot=snapshot, sink=runtime.usage
+    )
+    return snapshot, key, meter
 
 
 async def chat_completions(
     request: ProxyRequest, runtime: ProxyRuntime
 ) -> Response | StreamingResponse:
     """POST /v1/chat/completions (OpenAI format), streamed or not."""
-    snapshot = runtime.snapshot
-    key = authenticate(request, snapshot)
-    meter = Meter(
-        request=request, key=key, endpoint="chat.completions", snapshot=snapshot, sink=runtime.usage
-    )
+    snapshot, key, meter = _authenticated(request, runtime, "chat.completions")
     try:
         chat = parse_chat_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
@@ -48,25 +52,40 @@ async def chat_completions(
         headers = {"x-request-id": request.request_id}
         if chat.stream:
             stream = await adapter.chat_stream(deployment, chat, request_id=request.request_id)
-            return StreamingResponse(status=200, chunks=_relay(stream, meter), headers=headers)
+            relay = _relay(stream, meter)
+            # Wait for the first event before answering: a failure until then still
+            # gets a real status code, and the relay is started, so its cleanup
+            # runs even if the client leaves before the first write.
+            first_chunk = await anext(relay, b"")
+            return StreamingResponse(
+                status=200, first_chunk=first_chunk, chunks=relay, headers=headers
+            )
         reply = await adapter.chat(deployment, chat, request_id=request.request_id)
     except GatewayError as exc:
-        meter.record(outcome=_outcome_of(exc), status_code=exc.status, error_class=exc.code or "")
+        meter.record_failure(exc)
         raise
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
     return Response(status=200, body=reply.body, headers=headers)
 
 
 async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
-    """Forward stream events as they arrive; bill what was produced, however it ends."""
+    """Forward stream events as they arrive; bill what was produced, however it ends.
+
+    A provider failure before the first event is raised (the client still gets
+    a status code); after it, the stream ends with an error event instead.
+    """
     outcome, status_code, error_class = Outcome.SUCCESS, 200, ""
+    started = False
     try:
         async for chunk in stream.events():
             meter.first_byte_sent()
+            started = True
             yield chunk
     except UpstreamError as exc:
-        # Headers are sent: end the stream with an error event the SDKs raise on.
         outcome, status_code, error_class = Outcome.UPSTREAM_ERROR, exc.status, exc.code or ""
+        if not started:
+            raise
+        # The SDKs raise on an error event, so the client never mistakes this for an answer.
         yield b"data: " + exc.openai_body() + b"\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         outcome, status_code, error_class = Outcome.CLIENT_ERROR, 499, "client_disconnected"
@@ -80,11 +99,7 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
 
 async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
     """POST /v1/embeddings (OpenAI format)."""
-    snapshot = runtime.snapshot
-    key = authenticate(request, snapshot)
-    meter = Meter(
-        request=request, key=key, endpoint="embeddings", snapshot=snapshot, sink=runtime.usage
-    )
+    snapshot, key, meter = _authenticated(request, runtime, "embeddings")
     try:
         embedding_request = parse_embeddings_request(request.body)
         meter.model = embedding_request.model
@@ -95,29 +110,21 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
             deployment, embedding_request, request_id=request.request_id
         )
     except GatewayError as exc:
-        meter.record(outcome=_outcome_of(exc), status_code=exc.status, error_class=exc.code or "")
+        meter.record_failure(exc)
         raise
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
     return Response(status=200, body=reply.body, headers={"x-request-id": request.request_id})
 
 
-def _model_object(name: str, created: int, owner: str) -> dict[str, object]:
-    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+def _model_object(plan: RoutePlan, key: KeyContext) -> dict[str, object]:
+    owner = key.org_slug if plan.org_id is not None else "tollgate"
+    return {"id": plan.model_name, "object": "model", "created": plan.created, "owned_by": owner}
 
 
 async def list_models(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
     """GET /v1/models: only the models this key may call."""
-    snapshot = runtime.snapshot
-    key = authenticate(request, snapshot)
-    meter = Meter(
-        request=request, key=key, endpoint="models", snapshot=snapshot, sink=runtime.usage
-    )
-    data = []
-    for name in snapshot.model_names_for(key):
-        plan = snapshot.route_for(org_id=key.org_id, model=name)
-        assert plan is not None
-        owner = key.org_slug if plan.org_id is not None else "tollgate"
-        data.append(_model_object(name, plan.created, owner))
+    snapshot, key, meter = _authenticated(request, runtime, "models")
+    data = [_model_object(plan, key) for plan in snapshot.plans_for(key)]
     meter.record(outcome=Outcome.SUCCESS, status_code=200)
     body = orjson.dumps({"object": "list", "data": data})
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})
@@ -125,11 +132,7 @@ async def list_models(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
 
 async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: str) -> Response:
     """GET /v1/models/{model}: 404 unless this key may call it."""
-    snapshot = runtime.snapshot
-    key = authenticate(request, snapshot)
-    meter = Meter(
-        request=request, key=key, endpoint="models", snapshot=snapshot, sink=runtime.usage
-    )
+    snapshot, key, meter = _authenticated(request, runtime, "models")
     meter.model = model
     plan = snapshot.route_for(org_id=key.org_id, model=model)
     if plan is None or not key.may_use(model):
@@ -137,11 +140,8 @@ async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: st
             f"The model '{model}' does not exist or you do not have access to it.",
             code="model_not_found",
         )
-        meter.record(
-            outcome=Outcome.CLIENT_ERROR, status_code=exc.status, error_class=exc.code or ""
-        )
+        meter.record_failure(exc)
         raise exc
     meter.record(outcome=Outcome.SUCCESS, status_code=200)
-    owner = key.org_slug if plan.org_id is not None else "tollgate"
-    body = orjson.dumps(_model_object(model, plan.created, owner))
+    body = orjson.dumps(_model_object(plan, key))
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})

@@ -53,6 +53,8 @@ class Response:
 @dataclass(slots=True)
 class StreamingResponse:
     status: int
+    first_chunk: bytes
+    # Already started by the endpoint, so closing it always runs its cleanup.
     chunks: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "text/event-stream; charset=utf-8"
@@ -147,6 +149,9 @@ async def send_stream(send: Send, receive: Receive, response: StreamingResponse)
         async with contextlib.aclosing(response.chunks) as chunks:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send(
+                {"type": "http.response.body", "body": response.first_chunk, "more_body": True}
             )
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -4,8 +4,10 @@ from datetime import UTC, datetime
 
 from billing.contracts import TokenUsage, UsageRecord
 from billing.ingest import UsageBuffer
+from billing.models import UsageEvent
 from billing.pricing import cost_nanos
 from routing.contracts import DeploymentSpec, RoutePlan
+from routing.errors import GatewayError, UpstreamError
 from routing.proxy.http import ProxyRequest
 from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
@@ -38,6 +40,14 @@ class Meter:
     def first_byte_sent(self) -> None:
         if self.ttft_ms is None:
             self.ttft_ms = self._request.elapsed_ms()
+
+    def record_failure(self, exc: GatewayError) -> None:
+        """Record a failed request: the provider's fault, or the client's (a rejected request)."""
+        if isinstance(exc, UpstreamError) and exc.retryable:
+            outcome = UsageEvent.Outcome.UPSTREAM_ERROR
+        else:
+            outcome = UsageEvent.Outcome.CLIENT_ERROR
+        self.record(outcome=outcome, status_code=exc.status, error_class=exc.code or "")
 
     def record(
         self,

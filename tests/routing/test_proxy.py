@@ -403,3 +403,18 @@ def test_model_listing_is_metered_too(gateway: GatewayServer, chat_setup) -> Non
         lambda: UsageEvent.objects.filter(org=org, endpoint="models").count() == before + 1,
         what="the models.list() usage event",
     )
+
+
+def test_stream_failing_before_its_first_event_gets_a_real_status(
+    gateway: GatewayServer, org, make_route: MakeRoute, live_key: IssueKey
+) -> None:
+    make_route(model="sleepy", upstream_model="sleepy+ttft_ms=3000", ttft_timeout_ms=300)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client(gateway, live_key(org)).chat.completions.create(
+            model="sleepy", messages=HELLO, stream=True
+        )
+    assert raised.value.status_code == 504
+    assert raised.value.body["code"] == "upstream_timeout"
+    (event,) = wait_for_events(calls(org), 1)
+    assert (event.status_code, event.outcome) == (504, UsageEvent.Outcome.UPSTREAM_ERROR)
+    assert event.is_stream
