@@ -24,7 +24,7 @@ class ProviderForm(forms.ModelForm):
 
     class Meta:
         model = Provider
-        fields = ["org", "name", "kind", "base_url", "enabled"]
+        fields = ["org", "name", "kind", "base_url", "api_version", "enabled"]
 
     def save(self, commit: bool = True) -> Provider:
         provider = super().save(commit=False)
@@ -59,7 +59,7 @@ class DeploymentAdmin(admin.ModelAdmin):
 class RouteForm(forms.ModelForm):
     class Meta:
         model = Route
-        fields = ["org", "model_name", "strategy", "deployments", "enabled"]
+        fields = ["org", "model_name", "strategy", "deployments", "unsupported_params", "enabled"]
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

@@ -14,6 +14,7 @@ class DeploymentSpec:
     provider_kind: str
     base_url: str
     api_key: str = field(repr=False)
+    api_version: str  # Azure OpenAI only
     upstream_model: str
     weight: int
     priority: int
@@ -32,6 +33,7 @@ class RoutePlan:
     model_name: str
     strategy: str
     deployments: tuple[DeploymentSpec, ...]
+    unsupported_params: str  # "reject" or "drop"
     created: int  # Unix time, as /v1/models reports it
 
 

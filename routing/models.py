@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from routing.providers.presets import default_base_url
 from tenants.crypto import decrypt_secret, encrypt_secret
 
 
@@ -21,7 +22,19 @@ def validate_base_url(value: str) -> None:
 class Provider(models.Model):
     class Kind(models.TextChoices):
         OPENAI = "openai", "OpenAI"
+        AZURE = "azure", "Azure OpenAI"
+        ANTHROPIC = "anthropic", "Anthropic"
+        GEMINI = "gemini", "Google Gemini"
         OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible host"
+        GROQ = "groq", "Groq"
+        TOGETHER = "together", "Together AI"
+        MISTRAL = "mistral", "Mistral"
+        DEEPSEEK = "deepseek", "DeepSeek"
+        FIREWORKS = "fireworks", "Fireworks AI"
+        OPENROUTER = "openrouter", "OpenRouter"
+        VLLM = "vllm", "vLLM"
+        OLLAMA = "ollama", "Ollama"
+        LMSTUDIO = "lmstudio", "LM Studio"
         MOCK = "mock", "Built-in mock provider"
 
     # Null: a platform provider every organization's routes may use.
@@ -34,7 +47,10 @@ class Provider(models.Model):
     )
     name = models.CharField(max_length=200)
     kind = models.CharField(max_length=32, choices=Kind.choices)
-    base_url = models.CharField(max_length=500, validators=[validate_base_url])
+    # Blank: the kind's well-known URL (routing.providers.presets).
+    base_url = models.CharField(max_length=500, blank=True, validators=[validate_base_url])
+    # Azure OpenAI's api-version query parameter.
+    api_version = models.CharField(max_length=32, blank=True)
     # Fernet ciphertext of the API key; read it through api_key().
     api_key_encrypted = models.TextField(blank=True, editable=False)
     enabled = models.BooleanField(default=True)
@@ -46,6 +62,12 @@ class Provider(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        if not self.base_url and not default_base_url(self.kind):
+            raise ValidationError({"base_url": "This kind of provider needs a base URL."})
+        if self.kind == self.Kind.AZURE and not self.api_version:
+            raise ValidationError({"api_version": "Azure OpenAI needs an api-version."})
 
     def set_api_key(self, plaintext: str) -> None:
         self.api_key_encrypted = encrypt_secret(plaintext) if plaintext else ""
@@ -104,6 +126,10 @@ class Route(models.Model):
         PRIORITY = "priority", "Priority (lowest first)"
         WEIGHTED = "weighted", "Weighted random"
 
+    class UnsupportedParams(models.TextChoices):
+        REJECT = "reject", "Answer 400 naming the parameter"
+        DROP = "drop", "Drop it and call the provider anyway"
+
     # Null: a global route every organization can call (an org's own route
     # with the same name wins).
     org = models.ForeignKey(
@@ -116,6 +142,10 @@ class Route(models.Model):
     model_name = models.CharField(max_length=200)
     strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.PRIORITY)
     deployments = models.ManyToManyField(Deployment, related_name="routes")
+    # What to do with a request parameter the chosen provider cannot honour.
+    unsupported_params = models.CharField(
+        max_length=8, choices=UnsupportedParams.choices, default=UnsupportedParams.REJECT
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

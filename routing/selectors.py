@@ -7,6 +7,7 @@ from billing.contracts import PriceRates
 from billing.selectors import price_rates_all
 from routing.contracts import DeploymentSpec, RoutePlan
 from routing.models import Deployment, Route
+from routing.providers.presets import default_base_url
 from routing.snapshot import ConfigSnapshot
 from tenants.config import config_revision_get
 from tenants.crypto import SecretUnreadable
@@ -22,8 +23,9 @@ def _deployment_spec(deployment: Deployment) -> DeploymentSpec:
         name=deployment.name,
         provider_id=provider.pk,
         provider_kind=provider.kind,
-        base_url=provider.base_url.rstrip("/"),
+        base_url=(provider.base_url or default_base_url(provider.kind)).rstrip("/"),
         api_key=provider.api_key(),
+        api_version=provider.api_version,
         upstream_model=deployment.upstream_model,
         weight=deployment.weight,
         priority=deployment.priority,
@@ -78,6 +80,7 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
             model_name=route.model_name,
             strategy=route.strategy,
             deployments=tuple(usable),
+            unsupported_params=route.unsupported_params,
             created=int(route.created_at.timestamp()),
         )
     return plans

@@ -45,6 +45,9 @@ class UpstreamStream(abc.ABC):
 
 class ProviderAdapter(abc.ABC):
     kind: ClassVar[str]
+    # OpenAI chat-completions fields this provider honours; None passes every
+    # field through (OpenAI itself, so newer parameters keep working).
+    chat_params: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session

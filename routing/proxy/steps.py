@@ -136,7 +136,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         "a string or an array of strings",
     )  # fmt: skip
     _check_optional(data, "tools", isinstance(get("tools"), list), "an array")
-    _check_optional(data, "tool_choice", isinstance(get("tool_choice"), str | dict), "valid")
+    _check_optional(
+        data, "tool_choice", isinstance(get("tool_choice"), str | dict), "a string or an object"
+    )
     _check_optional(data, "response_format", isinstance(get("response_format"), dict), "an object")
     _check_optional(data, "user", isinstance(get("user"), str), "a string")
     stream = bool(get("stream"))
