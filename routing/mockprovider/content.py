@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import hashlib
 import math
 import struct
@@ -128,3 +129,37 @@ def embedding_vector(item: str | list[int], dimensions: int) -> list[float]:
 def embedding_base64(vector: list[float]) -> str:
     """Return `vector` as base64 of little-endian float32, as the OpenAI API does."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The mock's deterministic tool call, shared by every API family it speaks."""
+
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+    def arguments_json(self) -> str:
+        """The arguments as compact JSON (OpenAI sends them as a string)."""
+        return json.dumps(self.arguments, separators=(",", ":"), sort_keys=True)
+
+    @property
+    def completion_tokens(self) -> int:
+        """What the call costs as output: its name, its words, plus framing."""
+        return 1 + count_words(self.arguments["query"]) + MESSAGE_OVERHEAD_TOKENS
+
+
+def plan_tool_call(
+    *, tool_names: Sequence[str], forced: str | None, answering_tool_result: bool, prompt: str
+) -> ToolCall | None:
+    """The tool call the mock makes, or None when it answers with text.
+
+    It calls a tool when the request offers tools and the conversation is not
+    already answering a tool result: the forced tool if there is one, else the
+    first offered, with arguments {"query": <last user text>}.
+    """
+    if not tool_names or answering_tool_result:
+        return None
+    name = forced if forced in tool_names else tool_names[0]
+    digest = hashlib.sha256(f"{name}\x00{prompt}".encode()).hexdigest()
+    return ToolCall(call_id=f"call_{digest[:24]}", name=name, arguments={"query": prompt})
