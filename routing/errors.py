@@ -7,6 +7,18 @@ for the client: they never contain provider secrets or internal URLs.
 
 import orjson
 
+# Anthropic's error types by status, for errors on the Anthropic-format endpoint.
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
+
 
 class GatewayError(Exception):
     status = 500
@@ -37,6 +49,12 @@ class GatewayError(Exception):
                     "code": self.code,
                 }
             }
+        )
+
+    def anthropic_body(self) -> bytes:
+        error_type = _ANTHROPIC_ERROR_TYPES.get(self.status, "api_error")
+        return orjson.dumps(
+            {"type": "error", "error": {"type": error_type, "message": self.message}}
         )
 
 

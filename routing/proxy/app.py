@@ -30,7 +30,10 @@ ENDPOINTS: dict[str, dict[str, Endpoint]] = {
     "/v1/chat/completions": {"POST": endpoints.chat_completions},
     "/v1/embeddings": {"POST": endpoints.embeddings},
     "/v1/models": {"GET": endpoints.list_models},
+    "/v1/messages": {"POST": endpoints.messages},
 }
+# Endpoints in Anthropic's format answer errors in Anthropic's shape.
+ANTHROPIC_FORMAT_PATHS = frozenset({"/v1/messages"})
 _MODEL_PATH = "/v1/models/"
 
 
@@ -92,6 +95,7 @@ class ProxyApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         response: Response | StreamingResponse
         request_id = None
+        anthropic = scope["path"].rstrip("/") in ANTHROPIC_FORMAT_PATHS
         try:
             endpoint = _resolve(scope["method"], scope["path"])
             request = await read_request(
@@ -102,11 +106,13 @@ class ProxyApp:
         except ClientGone:
             return
         except GatewayError as exc:
-            response = error_response(exc, request_id=request_id)
+            response = error_response(exc, request_id=request_id, anthropic=anthropic)
         except Exception:
             logger.exception("Unhandled error on %s %s", scope["method"], scope["path"])
             response = error_response(
-                GatewayError("The gateway failed to handle the request."), request_id=request_id
+                GatewayError("The gateway failed to handle the request."),
+                request_id=request_id,
+                anthropic=anthropic,
             )
         if isinstance(response, StreamingResponse):
             await send_stream(send, receive, response)

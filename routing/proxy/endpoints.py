@@ -1,6 +1,7 @@
 """The proxy's endpoints, each a pipeline read top to bottom."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import orjson
@@ -8,16 +9,19 @@ import orjson
 from billing.models import UsageEvent
 from routing.contracts import RoutePlan
 from routing.errors import GatewayError, NotFound, UpstreamError
+from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
 from routing.providers import adapter_for
 from routing.providers.base import UpstreamStream
 from routing.proxy.http import ProxyRequest, Response, StreamingResponse
 from routing.proxy.metering import Meter
 from routing.proxy.runtime import ProxyRuntime
 from routing.proxy.steps import (
+    apply_param_policy,
     authenticate,
     choose_deployment,
     parse_chat_request,
     parse_embeddings_request,
+    parse_messages_request,
     resolve_route,
 )
 from routing.snapshot import ConfigSnapshot
@@ -49,6 +53,7 @@ async def chat_completions(
         meter.route = resolve_route(snapshot, key, chat.model)
         meter.deployment = deployment = choose_deployment(meter.route)
         adapter = adapter_for(runtime.adapters, deployment.provider_kind)
+        chat = apply_param_policy(chat, adapter, meter.route)
         headers = {"x-request-id": request.request_id}
         if chat.stream:
             stream = await adapter.chat_stream(deployment, chat, request_id=request.request_id)
@@ -95,6 +100,47 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
         meter.record(
             outcome=outcome, status_code=status_code, usage=stream.usage, error_class=error_class
         )
+
+
+async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | StreamingResponse:
+    """POST /v1/messages (Anthropic format), served by whichever provider the route names."""
+    snapshot, key, meter = _authenticated(request, runtime, "messages")
+    try:
+        chat = parse_messages_request(request.body)
+        meter.model, meter.is_stream = chat.model, chat.stream
+        meter.route = resolve_route(snapshot, key, chat.model)
+        meter.deployment = deployment = choose_deployment(meter.route)
+        adapter = adapter_for(runtime.adapters, deployment.provider_kind)
+        chat = apply_param_policy(chat, adapter, meter.route)
+        headers = {"x-request-id": request.request_id}
+        if chat.stream:
+            stream = await adapter.chat_stream(deployment, chat, request_id=request.request_id)
+            events = _as_anthropic_events(_relay(stream, meter), stream, chat.model)
+            # Started here for the same reasons as in chat_completions.
+            first_chunk = await anext(events, b"")
+            return StreamingResponse(
+                status=200, first_chunk=first_chunk, chunks=events, headers=headers
+            )
+        reply = await adapter.chat(deployment, chat, request_id=request.request_id)
+    except GatewayError as exc:
+        meter.record_failure(exc)
+        raise
+    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
+    body = message_from_completion(reply.body, reply.usage)
+    return Response(status=200, body=body, headers=headers)
+
+
+async def _as_anthropic_events(
+    relay: AsyncIterator[bytes], stream: UpstreamStream, model: str
+) -> AsyncIterator[bytes]:
+    """The relayed OpenAI stream as Anthropic Messages stream events."""
+    translator = MessagesStreamTranslator(model=model)
+    async with contextlib.aclosing(relay):  # type: ignore[type-var]
+        async for chunk in relay:
+            translated = b"".join(translator.feed(chunk))
+            if translated:
+                yield translated
+    yield b"".join(translator.finish(stream.usage))
 
 
 async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:

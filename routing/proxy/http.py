@@ -60,12 +60,15 @@ class StreamingResponse:
     content_type: str = "text/event-stream; charset=utf-8"
 
 
-def error_response(exc: GatewayError, *, request_id: str | None = None) -> Response:
-    """An OpenAI-shaped error body with the error's status and headers."""
+def error_response(
+    exc: GatewayError, *, request_id: str | None = None, anthropic: bool = False
+) -> Response:
+    """The error's status and headers, with an OpenAI-shaped (or Anthropic-shaped) body."""
     headers = dict(exc.headers)
     if request_id:
         headers["x-request-id"] = request_id
-    return Response(status=exc.status, body=exc.openai_body(), headers=headers)
+    body = exc.anthropic_body() if anthropic else exc.openai_body()
+    return Response(status=exc.status, body=body, headers=headers)
 
 
 async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> ProxyRequest:

@@ -15,6 +15,8 @@ from routing.errors import (
     NotFound,
     PermissionDenied,
 )
+from routing.formats.anthropic_messages import chat_payload_from_messages
+from routing.providers.base import ProviderAdapter
 from routing.proxy.http import ProxyRequest
 from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
@@ -151,6 +153,41 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         )
     return ChatRequest(
         model=model, payload=data, stream=stream, include_usage=stream and bool(include_usage)
+    )
+
+
+def parse_messages_request(body: bytes) -> ChatRequest:
+    """An Anthropic Messages request, as the OpenAI chat request the pipeline serves."""
+    payload = chat_payload_from_messages(_json_object(body))
+    return ChatRequest(
+        model=payload["model"],
+        payload=payload,
+        stream=bool(payload.get("stream")),
+        include_usage=False,  # Anthropic streams report usage in their own closing events
+    )
+
+
+def apply_param_policy(chat: ChatRequest, adapter: ProviderAdapter, plan: RoutePlan) -> ChatRequest:
+    """The request without parameters the provider cannot honour, or 400 naming one.
+
+    Which of the two is the route's choice (`unsupported_params`).
+    """
+    supported = adapter.chat_params
+    if supported is None:
+        return chat
+    unsupported = sorted(name for name in chat.payload if name not in supported)
+    if not unsupported:
+        return chat
+    if plan.unsupported_params == "drop":
+        payload = {name: value for name, value in chat.payload.items() if name in supported}
+        return ChatRequest(
+            model=chat.model, payload=payload, stream=chat.stream, include_usage=chat.include_usage
+        )
+    name = unsupported[0]
+    raise InvalidRequest(
+        f"The parameter '{name}' is not supported by the provider serving '{chat.model}'.",
+        param=name,
+        code="unsupported_parameter",
     )
 
 
