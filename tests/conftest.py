@@ -59,7 +59,8 @@ def make_route(mock_url: str) -> MakeRoute:
     """Build a route to the mock provider: `make_route(model="m", org=org, ...)`.
 
     `upstream_model` may carry mock directives (`"m+fault=500"`); prices are
-    USD per million tokens for the deployment's upstream model.
+    USD per million tokens for the deployment's upstream model. `kind` picks
+    the adapter; give `base_url` for kinds whose mock lives elsewhere than /v1.
     """
 
     def build(
@@ -69,14 +70,17 @@ def make_route(mock_url: str) -> MakeRoute:
         upstream_model: str | None = None,
         provider_org: Organization | None = None,
         base_url: str | None = None,
+        kind: str = Provider.Kind.MOCK,
+        api_version: str = "",
         price: tuple[str, str] | None = ("1.00", "2.00"),
         **deployment_fields: Any,
     ) -> Route:
         provider = Provider(
             org=provider_org,
             name=f"mock for {model}",
-            kind=Provider.Kind.MOCK,
+            kind=kind,
             base_url=base_url or mock_url,
+            api_version=api_version,
         )
         provider.set_api_key("sk-upstream-secret-for-tests")
         provider.save()
@@ -91,7 +95,7 @@ def make_route(mock_url: str) -> MakeRoute:
         route.deployments.add(deployment)
         if price is not None:
             ModelPrice.objects.create(
-                provider_kind=Provider.Kind.MOCK,
+                provider_kind=kind,
                 model=upstream_model,
                 input_usd_per_mtok=Decimal(price[0]),
                 output_usd_per_mtok=Decimal(price[1]),

@@ -239,7 +239,7 @@ def message_from_completion(body: bytes, usage: TokenUsage) -> bytes:
         )
     return orjson.dumps(
         {
-            "id": f"msg_{completion.get('id') or uuid.uuid4().hex}",
+            "id": _message_id(str(completion.get("id") or "")),
             "type": "message",
             "role": "assistant",
             "model": completion.get("model", ""),
@@ -249,6 +249,12 @@ def message_from_completion(body: bytes, usage: TokenUsage) -> bytes:
             "usage": _anthropic_usage(usage),
         }
     )
+
+
+def _message_id(upstream_id: str) -> str:
+    if upstream_id.startswith("msg_"):
+        return upstream_id
+    return f"msg_{upstream_id or uuid.uuid4().hex}"
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -273,7 +279,7 @@ class MessagesStreamTranslator:
             "message_start",
             {
                 "message": {
-                    "id": f"msg_{message_id or uuid.uuid4().hex}", "type": "message",
+                    "id": _message_id(message_id), "type": "message",
                     "role": "assistant", "model": self._model, "content": [],
                     "stop_reason": None, "stop_sequence": None,
                     "usage": {"input_tokens": 0, "output_tokens": 0},

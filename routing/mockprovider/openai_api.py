@@ -12,10 +12,13 @@ from aiohttp import web
 
 from .content import (
     Completion,
+    ToolCall,
     count_words,
     embedding_base64,
     embedding_vector,
+    last_user_text,
     plan_completion,
+    plan_tool_call,
 )
 from .errors import Family, MockError
 from .options import MAX_DIMENSIONS, MockOptions, resolve_options
@@ -26,6 +29,7 @@ from .responses import (
     send_stream,
     sleep_ms,
     sse_data,
+    text_fragments,
 )
 from .state import STATE
 from .validation import (
@@ -52,6 +56,31 @@ class ChatRequest:
     include_usage: bool
     max_tokens: int | None
     n: int
+    tool_names: tuple[str, ...]  # empty when no tools are offered or tool_choice is "none"
+    forced_tool: str | None
+
+
+def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """Return the offered function names, or raise a 400 if `tools` is not an array."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise MockError(400, "tools: must be an array", param="tools")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return tuple(names)
+
+
+def _forced_tool(tool_choice: object) -> str | None:
+    """Return the function name a `{"type": "function", ...}` tool_choice forces, if any."""
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
@@ -69,11 +98,23 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         include_usage=optional_bool(stream_options or {}, "include_usage"),
         max_tokens=max_tokens,
         n=optional_int(body, "n", 1, MAX_CHOICES) or 1,
+        tool_names=() if body.get("tool_choice") == "none" else _tool_names(body),
+        forced_tool=_forced_tool(body.get("tool_choice")),
     )
 
 
-def _usage(completion: Completion, n: int) -> dict[str, int]:
-    completion_tokens = len(completion.words) * n
+def _tool_call_for(chat: ChatRequest) -> ToolCall | None:
+    """Return the tool call the mock answers `chat` with, or None to answer with text."""
+    return plan_tool_call(
+        tool_names=chat.tool_names,
+        forced=chat.forced_tool,
+        answering_tool_result=chat.messages[-1].get("role") == "tool",
+        prompt=last_user_text(chat.messages),
+    )
+
+
+def _usage(completion: Completion, n: int, call: ToolCall | None = None) -> dict[str, int]:
+    completion_tokens = (call.completion_tokens if call else len(completion.words)) * n
     return {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -81,7 +122,18 @@ def _usage(completion: Completion, n: int) -> dict[str, int]:
     }
 
 
-def _chat_stream_plan(chat: ChatRequest, model: str, completion: Completion) -> StreamPlan:
+def _tool_call_object(call: ToolCall, arguments: str) -> dict[str, Any]:
+    """Return the call as OpenAI's `tool_calls[]` entry with `arguments` as given."""
+    return {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": arguments},
+    }
+
+
+def _chat_stream_plan(
+    chat: ChatRequest, model: str, completion: Completion, call: ToolCall | None
+) -> StreamPlan:
     """Return the chunks OpenAI would stream, `n` choices interleaved."""
     frame: dict[str, Any] = {
         "id": f"chatcmpl-mock-{secrets.token_hex(12)}",
@@ -96,7 +148,7 @@ def _chat_stream_plan(chat: ChatRequest, model: str, completion: Completion) -> 
     # stream is mostly chunk encoding, and the mock must not be a benchmark's bottleneck.
     opening = b"data: " + orjson.dumps(frame)[:-1] + b',"choices":[{"index":'
 
-    def chunk(index: int, delta: dict[str, str], finish_reason: str | None) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None) -> bytes:
         return b"".join(
             (
                 opening,
@@ -110,17 +162,30 @@ def _chat_stream_plan(chat: ChatRequest, model: str, completion: Completion) -> 
         )
 
     choices = range(chat.n)
-    finish_reason = "length" if completion.capped else "stop"
+    if call is not None:
+        finish_reason = "tool_calls"
+        # As OpenAI sends it: the role with the call's id and name, then argument pieces.
+        opening_call = {"index": 0, **_tool_call_object(call, "")}
+        head = [
+            chunk(index, {"role": "assistant", "content": None, "tool_calls": [opening_call]}, None)
+            for index in choices
+        ]
+        deltas = [
+            {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+            for piece in text_fragments(call.arguments_json())
+        ]
+    else:
+        finish_reason = "length" if completion.capped else "stop"
+        head = [chunk(index, {"role": "assistant", "content": ""}, None) for index in choices]
+        deltas = [{"content": delta} for delta in completion.deltas()]
     tail = [chunk(index, {}, finish_reason) for index in choices]
     if chat.include_usage:
-        tail.append(sse_data({**frame, "choices": [], "usage": _usage(completion, chat.n)}))
+        usage = _usage(completion, chat.n, call)
+        tail.append(sse_data({**frame, "choices": [], "usage": usage}))
     tail.append(b"data: [DONE]\n\n")
     return StreamPlan(
-        head=[chunk(index, {"role": "assistant", "content": ""}, None) for index in choices],
-        words=[
-            b"".join(chunk(index, {"content": delta}, None) for index in choices)
-            for delta in completion.deltas()
-        ],
+        head=head,
+        words=[b"".join(chunk(index, delta, None) for index in choices) for delta in deltas],
         tail=tail,
     )
 
@@ -138,14 +203,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         tokens=options.tokens,
         max_tokens=chat.max_tokens,
     )
+    call = _tool_call_for(chat)
     if chat.stream:
-        plan = _chat_stream_plan(chat, model, completion)
+        plan = _chat_stream_plan(chat, model, completion, call)
         return await send_stream(request, options, Family.OPENAI, plan)
     if options.fault is not None:
         return await answer_with_fault(request, options)
     await sleep_ms(options.latency_ms)
-    message = {"role": "assistant", "content": completion.text}
-    finish_reason = "length" if completion.capped else "stop"
+    message: dict[str, Any]
+    if call is not None:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [_tool_call_object(call, call.arguments_json())],
+        }
+        finish_reason = "tool_calls"
+    else:
+        message = {"role": "assistant", "content": completion.text}
+        finish_reason = "length" if completion.capped else "stop"
     return json_response(
         {
             "id": f"chatcmpl-mock-{secrets.token_hex(12)}",
@@ -161,7 +236,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 }
                 for index in range(chat.n)
             ],
-            "usage": _usage(completion, chat.n),
+            "usage": _usage(completion, chat.n, call),
         }
     )
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Literal
 
-NamedFault = Literal["hang", "reset", "malformed"]
-# An int fault is an HTTP status the mock answers with instead of a completion.
+NamedFault = Literal["hang", "reset", "malformed", "blocked"]
+# An int fault is an HTTP status the mock answers with instead of a completion;
+# `blocked` is a prompt refused by safety filters, which only Gemini's API can express.
 Fault = int | NamedFault | None
 
 HEADER_PREFIX: Final = "x-mock-"
@@ -53,16 +54,17 @@ def _parse_delay(name: str) -> Callable[[str], int]:
 
 
 def parse_fault(raw: str) -> Fault:
-    """Return the fault in `raw`: status 400-599, hang, reset, malformed or none."""
+    """Return the fault in `raw`: status 400-599, hang, reset, malformed, blocked or none."""
     text = raw.strip().lower()
     if text in ("", "none"):
         return None
-    if text == "hang" or text == "reset" or text == "malformed":
+    if text == "hang" or text == "reset" or text == "malformed" or text == "blocked":
         return text
     if text.isascii() and text.isdigit() and 400 <= int(text) <= 599:
         return int(text)
     raise OptionError(
-        f"mock option fault must be a status 400-599, hang, reset, malformed or none, got {raw!r}"
+        "mock option fault must be a status 400-599, hang, reset, malformed, blocked or none, "
+        f"got {raw!r}"
     )
 
 
@@ -96,13 +98,28 @@ def _field_name(name: str, source: str) -> str:
 
 
 def resolve_options(
-    defaults: MockOptions, model: str, headers: Iterable[tuple[str, str]]
+    defaults: MockOptions,
+    model: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    prompt_blocking: bool = False,
 ) -> tuple[str, MockOptions]:
     """Return the base model name and the options for one request.
 
     Precedence: `x-mock-*` headers, then `BASE+key=value` model directives, then
-    `defaults`.
+    `defaults`. `fault=blocked` is an OptionError unless the endpoint can answer
+    with a blocked prompt (`prompt_blocking`).
     """
+    base, options = _resolved(defaults, model, headers)
+    if options.fault == "blocked" and not prompt_blocking:
+        raise OptionError("mock option fault=blocked is only answered by the Gemini endpoints")
+    return base, options
+
+
+def _resolved(
+    defaults: MockOptions, model: str, headers: Iterable[tuple[str, str]]
+) -> tuple[str, MockOptions]:
+    """Return the base model name and the options, whichever endpoint asks."""
     base, _, directives = model.partition("+")
     if not base.strip():
         raise OptionError(f"model {model!r} has an empty base name")

@@ -31,6 +31,8 @@ _SSE_HEADERS: Final = MappingProxyType(
 _HANG_POLL_S: Final = 0.25
 # Time for the client to read the partial stream before the reset discards unread bytes.
 _RESET_GRACE_S: Final = 0.05
+# Streamed tool arguments arrive in pieces this long, as providers send them.
+_FRAGMENT_CHARS: Final = 16
 
 
 def json_response(payload: object) -> web.Response:
@@ -46,6 +48,12 @@ def sse_data(payload: object) -> bytes:
 def sse_event(name: str, payload: object) -> bytes:
     """Return one named server-sent event (the Anthropic streaming framing)."""
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def text_fragments(text: str) -> list[str]:
+    """Return pieces of `text` that join to it: two or more once it has two characters."""
+    size = max(1, min(_FRAGMENT_CHARS, len(text) // 2))
+    return [text[start : start + size] for start in range(0, len(text), size)] or [text]
 
 
 @dataclass(frozen=True, slots=True)

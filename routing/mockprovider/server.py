@@ -10,7 +10,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from . import anthropic_api, openai_api
+from . import anthropic_api, gemini_api, openai_api
 from .errors import Family, MockError, error_response
 from .options import MockOptions, OptionError
 from .responses import json_response
@@ -27,6 +27,13 @@ SHUTDOWN_TIMEOUT_S: Final = 1.0
 
 def _family(path: str) -> Family:
     return Family.ANTHROPIC if path.startswith("/v1/messages") else Family.OPENAI
+
+
+def _error_response(path: str, error: MockError) -> web.Response:
+    """Return `error` in the shape of the API family that serves `path`."""
+    if path.startswith("/v1beta/"):
+        return gemini_api.error_response(error)
+    return error_response(_family(path), error)
 
 
 def _headers(request: web.Request) -> dict[str, str]:
@@ -50,6 +57,7 @@ async def _record(request: web.Request, state: MockState) -> None:
         {
             "method": request.method,
             "path": request.path,
+            "query": request.query_string,
             "headers": _headers(request),
             "json": body.value,
         }
@@ -57,7 +65,7 @@ async def _record(request: web.Request, state: MockState) -> None:
 
 
 def _authorize(request: web.Request, required_key: str | None) -> None:
-    """Raise a 401 MockError unless a usual auth header carries the required key."""
+    """Raise a MockError (401; 400 on Gemini paths) unless an auth header has the key."""
     if required_key is None:
         return
     headers = request.headers
@@ -65,15 +73,18 @@ def _authorize(request: web.Request, required_key: str | None) -> None:
         headers.get("Authorization") == f"Bearer {required_key}"
         or headers.get("x-api-key") == required_key
         or headers.get("api-key") == required_key
+        or headers.get("x-goog-api-key") == required_key
     ):
         return
+    if request.path.startswith("/v1beta/"):
+        # Gemini rejects a bad key as an invalid argument, with this message.
+        raise MockError(400, "API key not valid. Please pass a valid API key.")
     raise MockError(401, "mock provider: missing or incorrect API key")
 
 
 @web.middleware
 async def provider_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Record and authorize API requests; render every failure in provider shape."""
-    family = _family(request.path)
     try:
         if not request.path.startswith("/_mock/"):
             state = request.app[STATE]
@@ -81,15 +92,41 @@ async def provider_middleware(request: web.Request, handler: Handler) -> web.Str
             _authorize(request, state.required_key)
         return await handler(request)
     except MockError as exc:
-        return error_response(family, exc)
+        return _error_response(request.path, exc)
     except OptionError as exc:
-        return error_response(family, MockError(400, str(exc)))
+        return _error_response(request.path, MockError(400, str(exc)))
     except web.HTTPException as exc:
         # Unknown paths, wrong methods and oversized bodies get provider-shaped bodies.
         if exc.status < 400:
             raise
         message = f"{exc.reason} ({request.method} {request.path})"
-        return error_response(family, MockError(exc.status, message))
+        return _error_response(request.path, MockError(exc.status, message))
+
+
+def _as_azure(handler: Handler) -> Handler:
+    """Serve an OpenAI endpoint the Azure way: deployment in the path, api-version required."""
+
+    async def azure_handler(request: web.Request) -> web.StreamResponse:
+        if not request.query.get("api-version"):
+            # Azure's own shape for a request it cannot route (code is a string there).
+            body = {
+                "error": {
+                    "code": "MissingApiVersionParameter",
+                    "message": "The api-version query parameter (?api-version=) is required "
+                    "for all requests.",
+                }
+            }
+            return web.Response(
+                status=400, body=orjson.dumps(body), content_type="application/json"
+            )
+        parsed = request[BODY]
+        if isinstance(parsed.value, dict):
+            # Azure serves the deployment named in the path, whatever the body says.
+            model = {"model": request.match_info["deployment"]}
+            request[BODY] = ParsedBody({**parsed.value, **model}, parsed.valid)
+        return await handler(request)
+
+    return azure_handler
 
 
 async def requests_list(request: web.Request) -> web.StreamResponse:
@@ -124,6 +161,15 @@ def create_app(
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_get("/v1/models/{model}", openai_api.retrieve_model)
     app.router.add_post("/v1/messages", anthropic_api.messages)
+    gemini_model = "/v1beta/models/{model}"
+    app.router.add_post(f"{gemini_model}:generateContent", gemini_api.generate_content)
+    app.router.add_post(f"{gemini_model}:streamGenerateContent", gemini_api.stream_generate_content)
+    app.router.add_post(f"{gemini_model}:batchEmbedContents", gemini_api.batch_embed_contents)
+    azure_deployment = "/openai/deployments/{deployment}"
+    app.router.add_post(
+        f"{azure_deployment}/chat/completions", _as_azure(openai_api.chat_completions)
+    )
+    app.router.add_post(f"{azure_deployment}/embeddings", _as_azure(openai_api.embeddings))
     app.router.add_get("/_mock/requests", requests_list)
     app.router.add_delete("/_mock/requests", requests_clear)
     app.router.add_get("/_mock/health", health)

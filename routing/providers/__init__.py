@@ -3,14 +3,23 @@
 import aiohttp
 
 from routing.errors import UpstreamError
+from routing.providers.anthropic import AnthropicAdapter
+from routing.providers.azure import AzureOpenAIAdapter
 from routing.providers.base import ProviderAdapter
+from routing.providers.gemini import GeminiAdapter
 from routing.providers.openai import OpenAIAdapter
 
-# The built-in mock provider and generic OpenAI-compatible hosts speak OpenAI.
+# Hosts that speak the OpenAI API; the presets only differ by base URL.
+_OPENAI_DIALECTS = (
+    "openai", "openai_compatible", "mock", "groq", "together", "mistral", "deepseek",
+    "fireworks", "openrouter", "vllm", "ollama", "lmstudio",
+)  # fmt: skip
+
 ADAPTERS: dict[str, type[ProviderAdapter]] = {
-    "openai": OpenAIAdapter,
-    "openai_compatible": OpenAIAdapter,
-    "mock": OpenAIAdapter,
+    **dict.fromkeys(_OPENAI_DIALECTS, OpenAIAdapter),
+    "anthropic": AnthropicAdapter,
+    "azure": AzureOpenAIAdapter,
+    "gemini": GeminiAdapter,
 }
 
 

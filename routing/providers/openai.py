@@ -115,6 +115,10 @@ def _loads_or_none(data: bytes) -> dict[str, Any] | None:
 class OpenAIAdapter(ProviderAdapter):
     kind = "openai"
 
+    def _url(self, deployment: DeploymentSpec, path: str) -> str:
+        """The URL of the endpoint at `path` (like /chat/completions) for `deployment`."""
+        return deployment.base_url + path
+
     def _headers(self, deployment: DeploymentSpec, request_id: str) -> dict[str, str]:
         headers = {"content-type": "application/json", "x-request-id": request_id}
         if deployment.api_key:
@@ -132,7 +136,7 @@ class OpenAIAdapter(ProviderAdapter):
     ) -> aiohttp.ClientResponse:
         with client_errors_mapped():
             response = await self.session.post(
-                deployment.base_url + path,
+                self._url(deployment, path),
                 data=orjson.dumps(payload),
                 headers=self._headers(deployment, request_id),
                 timeout=client_timeout,

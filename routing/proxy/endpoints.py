@@ -8,7 +8,7 @@ import orjson
 
 from billing.models import UsageEvent
 from routing.contracts import RoutePlan
-from routing.errors import GatewayError, NotFound, UpstreamError
+from routing.errors import GatewayError, NotFound
 from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
 from routing.providers import adapter_for
 from routing.providers.base import UpstreamStream
@@ -76,30 +76,38 @@ async def chat_completions(
 async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
     """Forward stream events as they arrive; bill what was produced, however it ends.
 
-    A provider failure before the first event is raised (the client still gets
-    a status code); after it, the stream ends with an error event instead.
+    A failure before the first event is raised (the client still gets a status
+    code); after it, the stream ends with an error event instead.
     """
-    outcome, status_code, error_class = Outcome.SUCCESS, 200, ""
-    started = False
+    failure: GatewayError | None = None
+    disconnected = started = False
     try:
         async for chunk in stream.events():
             meter.first_byte_sent()
             started = True
             yield chunk
-    except UpstreamError as exc:
-        outcome, status_code, error_class = Outcome.UPSTREAM_ERROR, exc.status, exc.code or ""
+    except GatewayError as exc:
+        failure = exc
         if not started:
             raise
         # The SDKs raise on an error event, so the client never mistakes this for an answer.
         yield b"data: " + exc.openai_body() + b"\n\n"
     except (asyncio.CancelledError, GeneratorExit):
-        outcome, status_code, error_class = Outcome.CLIENT_ERROR, 499, "client_disconnected"
+        disconnected = True
         raise
     finally:
         await stream.aclose()
-        meter.record(
-            outcome=outcome, status_code=status_code, usage=stream.usage, error_class=error_class
-        )
+        if failure is not None:
+            meter.record_failure(failure, usage=stream.usage)
+        elif disconnected:
+            meter.record(
+                outcome=Outcome.CLIENT_ERROR,
+                status_code=499,
+                usage=stream.usage,
+                error_class="client_disconnected",
+            )
+        else:
+            meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=stream.usage)
 
 
 async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | StreamingResponse:

@@ -13,6 +13,13 @@ from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
 
 
+def outcome_of(exc: GatewayError) -> str:
+    """Whose failure it was: the provider's, or the client's (a request nobody could serve)."""
+    if isinstance(exc, UpstreamError) and exc.retryable:
+        return UsageEvent.Outcome.UPSTREAM_ERROR
+    return UsageEvent.Outcome.CLIENT_ERROR
+
+
 class Meter:
     """What one authenticated request did; `record` emits its usage event once."""
 
@@ -41,13 +48,11 @@ class Meter:
         if self.ttft_ms is None:
             self.ttft_ms = self._request.elapsed_ms()
 
-    def record_failure(self, exc: GatewayError) -> None:
-        """Record a failed request: the provider's fault, or the client's (a rejected request)."""
-        if isinstance(exc, UpstreamError) and exc.retryable:
-            outcome = UsageEvent.Outcome.UPSTREAM_ERROR
-        else:
-            outcome = UsageEvent.Outcome.CLIENT_ERROR
-        self.record(outcome=outcome, status_code=exc.status, error_class=exc.code or "")
+    def record_failure(self, exc: GatewayError, usage: TokenUsage | None = None) -> None:
+        """Record a failed request, with whatever it used before failing."""
+        self.record(
+            outcome=outcome_of(exc), status_code=exc.status, usage=usage, error_class=exc.code or ""
+        )
 
     def record(
         self,

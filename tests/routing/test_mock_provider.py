@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from routing.mockprovider.content import ToolCall, plan_tool_call
 from tests.support.processes import mock_provider
 
 PROMPT = [{"role": "user", "content": "Tell me about the mountains"}]
@@ -479,3 +480,183 @@ def test_required_key_rejects_requests_without_it() -> None:
     assert by_header.status_code == 200
     assert unauthenticated.status_code == 401
     assert unauthenticated.json()["error"]["type"] == "authentication_error"
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
+]
+CLAUDE_TOOLS = [
+    {"name": "get_weather", "input_schema": {"type": "object"}},
+    {"name": "lookup", "input_schema": {"type": "object"}},
+]
+
+
+def planned_call() -> ToolCall:
+    """The call the mock makes for PROMPT when both tools are offered (shared rule)."""
+    call = plan_tool_call(
+        tool_names=["get_weather", "lookup"],
+        forced=None,
+        answering_tool_result=False,
+        prompt="Tell me about the mountains",
+    )
+    assert call is not None
+    return call
+
+
+def test_offered_tools_are_called_instead_of_answering(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="mock-small", messages=PROMPT, tools=TOOLS)
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function"
+    assert call.id == planned_call().call_id
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"query": "Tell me about the mountains"}
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == planned_call().completion_tokens
+    assert completion.usage.prompt_tokens == PROMPT_TOKENS
+
+
+def test_streamed_tool_call_names_first_then_sends_arguments_in_pieces(
+    client: openai.OpenAI,
+) -> None:
+    whole = client.chat.completions.create(model="mock-small", messages=PROMPT, tools=TOOLS)
+    chunks = list(
+        client.chat.completions.create(
+            model="mock-small",
+            messages=PROMPT,
+            tools=TOOLS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    opening, fragments = deltas[0], deltas[1:]
+    expected = whole.choices[0].message.tool_calls
+    assert expected is not None
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (opening.index, opening.id, opening.type) == (0, expected[0].id, "function")
+    assert opening.function is not None and opening.function.name == "get_weather"
+    assert len(fragments) >= 2
+    assert all(f.id is None and f.function and f.function.name is None for f in fragments)
+    joined = "".join(f.function.arguments or "" for f in fragments if f.function)
+    assert joined == expected[0].function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage == whole.usage
+
+
+def test_tool_choice_forces_a_tool_or_turns_tools_off(client: openai.OpenAI) -> None:
+    forced = client.chat.completions.create(
+        model="mock-small",
+        messages=PROMPT,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+    )
+    off = client.chat.completions.create(
+        model="mock-small", messages=PROMPT, tools=TOOLS, tool_choice="none"
+    )
+
+    calls = forced.choices[0].message.tool_calls
+    assert calls is not None and calls[0].function.name == "lookup"
+    assert off.choices[0].finish_reason == "stop"
+    assert off.choices[0].message.tool_calls is None
+
+
+def test_a_tool_result_is_answered_with_text(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="mock-small", messages=PROMPT, tools=TOOLS)
+    calls = first.choices[0].message.tool_calls
+    assert calls is not None
+    answer = client.chat.completions.create(
+        model="mock-small",
+        tools=TOOLS,
+        messages=[
+            *PROMPT,
+            first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny"},
+        ],
+    )
+
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content
+
+
+def test_anthropic_tool_use_matches_the_openai_call(claude: anthropic.Anthropic) -> None:
+    message = claude.messages.create(
+        model="mock-large", max_tokens=100, messages=PROMPT, tools=CLAUDE_TOOLS
+    )
+
+    assert message.stop_reason == "tool_use"
+    assert len(message.content) == 1
+    block = message.content[0]
+    assert block.type == "tool_use"
+    assert block.id == "toolu_" + planned_call().call_id.removeprefix("call_")
+    assert block.name == "get_weather"
+    assert block.input == planned_call().arguments
+    assert message.usage.output_tokens == planned_call().completion_tokens
+
+
+def test_anthropic_streamed_tool_use_equals_non_stream(claude: anthropic.Anthropic) -> None:
+    whole = claude.messages.create(
+        model="mock-large", max_tokens=100, messages=PROMPT, tools=CLAUDE_TOOLS
+    )
+    with claude.messages.stream(
+        model="mock-large", max_tokens=100, messages=PROMPT, tools=CLAUDE_TOOLS
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+
+    starts = [e for e in events if e.type == "content_block_start"]
+    pieces = [
+        e.delta.partial_json
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    ]
+    assert starts[0].content_block.type == "tool_use"
+    assert starts[0].content_block.input == {}
+    assert len(pieces) >= 2
+    assert json.loads("".join(pieces)) == planned_call().arguments
+    assert final.content == whole.content
+    assert final.stop_reason == whole.stop_reason == "tool_use"
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_anthropic_tool_choice_and_tool_results(claude: anthropic.Anthropic) -> None:
+    forced = claude.messages.create(
+        model="mock-large",
+        max_tokens=100,
+        messages=PROMPT,
+        tools=CLAUDE_TOOLS,
+        tool_choice={"type": "tool", "name": "lookup"},
+    )
+    off = claude.messages.create(
+        model="mock-large",
+        max_tokens=100,
+        messages=PROMPT,
+        tools=CLAUDE_TOOLS,
+        tool_choice={"type": "none"},
+    )
+    block = forced.content[0]
+    assert block.type == "tool_use" and block.name == "lookup"
+    answered = claude.messages.create(
+        model="mock-large",
+        max_tokens=100,
+        tools=CLAUDE_TOOLS,
+        messages=[
+            *PROMPT,
+            {"role": "assistant", "content": [block.model_dump()]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "Sunny"}],
+            },
+        ],
+    )
+
+    assert off.stop_reason == "end_turn" and off.content[0].type == "text"
+    assert answered.stop_reason == "end_turn"
+    assert answered.content[0].type == "text"
