@@ -13,17 +13,25 @@ from typing import Any, Final
 import orjson
 
 from billing.contracts import TokenUsage
-from routing.errors import (
-    InvalidRequest,
-    UpstreamError,
-    UpstreamMalformed,
-    UpstreamRateLimited,
-    UpstreamRejected,
+from routing.errors import UpstreamError, UpstreamMalformed, UpstreamRateLimited, UpstreamRejected
+from routing.providers.openai_payload import (
+    chunk_choice,
+    chunk_event,
+    completion_choice,
+    completion_object,
+    data_url,
+    image_url,
+    invalid,
+    max_tokens,
+    openai_usage,
+    stop_sequences,
+    text_of,
+    tool_call,
 )
+from routing.providers.upstream import mid_stream_error, translate_events
 
 # Anthropic requires max_tokens; OpenAI lets clients omit it.
 DEFAULT_MAX_TOKENS: Final = 4096
-_MESSAGE_LIMIT: Final = 500
 _FINISH_REASONS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "end_turn": "stop",
@@ -47,54 +55,27 @@ _STREAM_ERRORS: Final[Mapping[str, type[UpstreamError]]] = MappingProxyType(
 )
 
 
-def _invalid(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param)
-
-
-def _text_of(content: object, where: str) -> str:
-    """The text of OpenAI message content: a string, or its text (or refusal) parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise _invalid(f"'{where}' must be a string or an array of content parts.", where)
-    texts = []
-    for index, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
-            texts.append(part[kind])
-        else:
-            raise _invalid(f"'{where}[{index}]' must be a text part here.", f"{where}[{index}]")
-    return "\n".join(texts)
-
-
 def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
     """An Anthropic image block for an OpenAI `image_url` part (data: or http(s) URL)."""
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
+    url = image_url(part)
     if not isinstance(url, str):
-        raise _invalid(f"'{where}.image_url.url' must be a string.", where)
+        raise invalid(f"'{where}.image_url.url' must be a string.", where)
     if url.startswith("data:"):
-        header, comma, data = url.removeprefix("data:").partition(",")
-        media_type, _, encoding = header.partition(";")
-        if not comma or encoding != "base64" or not media_type:
-            raise _invalid(
-                f"'{where}.image_url.url' must be a base64 data URL (data:<type>;base64,...).",
-                where,
-            )
+        media_type, data = data_url(url, f"{where}.image_url.url", param=where)
         return {
             "type": "image",
             "source": {"type": "base64", "media_type": media_type, "data": data},
         }
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    raise _invalid(f"'{where}.image_url.url' must be an http(s) or data URL.", where)
+    raise invalid(f"'{where}.image_url.url' must be an http(s) or data URL.", where)
 
 
 def _user_content(content: object, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _invalid(f"'{where}' must be a string or an array of content parts.", where)
+        raise invalid(f"'{where}' must be a string or an array of content parts.", where)
     blocks = []
     for index, part in enumerate(content):
         part_where = f"{where}[{index}]"
@@ -104,7 +85,7 @@ def _user_content(content: object, where: str) -> str | list[dict[str, Any]]:
         elif kind == "image_url":
             blocks.append(_image_block(part, part_where))
         else:
-            raise _invalid(
+            raise invalid(
                 f"'{part_where}': Anthropic models accept text and image parts only.", part_where
             )
     return blocks
@@ -112,30 +93,15 @@ def _user_content(content: object, where: str) -> str | list[dict[str, Any]]:
 
 def _tool_use_block(call: object, where: str) -> dict[str, Any]:
     """An Anthropic tool_use block for one OpenAI `tool_calls[]` entry."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(call, dict) or not isinstance(function, dict):
-        raise _invalid(f"'{where}' must be a function tool call.", where)
-    name, call_id = function.get("name"), call.get("id")
-    if not isinstance(name, str) or not isinstance(call_id, str):
-        raise _invalid(f"'{where}' needs a string id and function.name.", where)
-    arguments = function.get("arguments")
-    if not isinstance(arguments, str):
-        raise _invalid(f"'{where}.function.arguments' must be a JSON string.", where)
-    try:
-        # A function without parameters may come back with empty arguments.
-        tool_input = orjson.loads(arguments) if arguments.strip() else {}
-    except orjson.JSONDecodeError:
-        raise _invalid(f"'{where}.function.arguments' is not valid JSON.", where) from None
-    if not isinstance(tool_input, dict):
-        raise _invalid(f"'{where}.function.arguments' must encode a JSON object.", where)
+    call_id, name, tool_input = tool_call(call, where)
     return {"type": "tool_use", "id": call_id, "name": name, "input": tool_input}
 
 
 def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[str, Any]]:
-    text = _text_of(message.get("content"), f"{where}.content")
+    text = text_of(message.get("content"), f"{where}.content")
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
-        raise _invalid(f"'{where}.tool_calls' must be an array.", f"{where}.tool_calls")
+        raise invalid(f"'{where}.tool_calls' must be an array.", f"{where}.tool_calls")
     if not calls:
         return text
     # Anthropic rejects empty text blocks, so text is only sent when there is some.
@@ -148,9 +114,9 @@ def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[s
 def _tool_result_block(message: dict[str, Any], where: str) -> dict[str, Any]:
     call_id = message.get("tool_call_id")
     if not isinstance(call_id, str) or not call_id:
-        raise _invalid(f"'{where}.tool_call_id' is required.", f"{where}.tool_call_id")
+        raise invalid(f"'{where}.tool_call_id' is required.", f"{where}.tool_call_id")
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
-    text = _text_of(message.get("content"), f"{where}.content")
+    text = text_of(message.get("content"), f"{where}.content")
     if text:
         block["content"] = text
     return block
@@ -159,7 +125,7 @@ def _tool_result_block(message: dict[str, Any], where: str) -> dict[str, Any]:
 def _conversation(messages: object) -> tuple[str, list[dict[str, Any]]]:
     """The system prompt and the Anthropic turns for OpenAI `messages`."""
     if not isinstance(messages, list):
-        raise _invalid("'messages' must be an array.", "messages")
+        raise invalid("'messages' must be an array.", "messages")
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     previous_role = None
@@ -168,7 +134,7 @@ def _conversation(messages: object) -> tuple[str, list[dict[str, Any]]]:
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
             # Anthropic has one top-level system prompt; later ones are appended to it.
-            text = _text_of(message.get("content"), f"{where}.content")
+            text = text_of(message.get("content"), f"{where}.content")
             if text:
                 system.append(text)
         elif role == "user":
@@ -186,7 +152,7 @@ def _conversation(messages: object) -> tuple[str, list[dict[str, Any]]]:
             else:
                 turns.append({"role": "user", "content": [block]})
         else:
-            raise _invalid(
+            raise invalid(
                 f"'{where}.role' {role!r} is not supported by Anthropic models.", f"{where}.role"
             )
         previous_role = role
@@ -195,7 +161,7 @@ def _conversation(messages: object) -> tuple[str, list[dict[str, Any]]]:
 
 def _tools(tools: object) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
-        raise _invalid("'tools' must be an array.", "tools")
+        raise invalid("'tools' must be an array.", "tools")
     converted = []
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -205,7 +171,7 @@ def _tools(tools: object) -> list[dict[str, Any]]:
             or not isinstance(function, dict)
             or not isinstance(function.get("name"), str)
         ):
-            raise _invalid(
+            raise invalid(
                 f"'tools[{index}]' must be a function tool with a name.", f"tools[{index}]"
             )
         entry: dict[str, Any] = {
@@ -233,7 +199,7 @@ def _tool_choice(choice: object, *, parallel: object) -> dict[str, Any] | None:
     ):
         converted = {"type": "tool", "name": choice["function"]["name"]}
     else:
-        raise _invalid(
+        raise invalid(
             "'tool_choice' must be auto, required, none or a function to call.", "tool_choice"
         )
     if parallel is False:
@@ -248,26 +214,22 @@ def messages_body(payload: dict[str, Any], *, model: str, stream: bool) -> dict[
     """The Anthropic Messages body for an OpenAI chat payload; 400 naming a bad field."""
     n = payload.get("n")
     if n is not None and n != 1:
-        raise _invalid("Anthropic models return one choice per request: 'n' must be 1.", "n")
+        raise invalid("Anthropic models return one choice per request: 'n' must be 1.", "n")
     system, turns = _conversation(payload.get("messages"))
-    max_tokens = payload.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = payload.get("max_tokens")
+    limit = max_tokens(payload)
     body: dict[str, Any] = {
         "model": model,
         "messages": turns,
-        "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        "max_tokens": DEFAULT_MAX_TOKENS if limit is None else limit,
     }
     if system:
         body["system"] = system
     for name in ("temperature", "top_p"):
         if payload.get(name) is not None:
             body[name] = payload[name]
-    stop = payload.get("stop")
-    if isinstance(stop, str):
-        body["stop_sequences"] = [stop]
-    elif stop:
-        body["stop_sequences"] = stop
+    stops = stop_sequences(payload)
+    if stops:
+        body["stop_sequences"] = stops
     if payload.get("tools"):
         body["tools"] = _tools(payload["tools"])
         # Anthropic refuses tool_choice without tools, and OpenAI's default is auto anyway.
@@ -299,16 +261,6 @@ def usage_from_anthropic(data: object) -> TokenUsage | None:
         cached_input_tokens=cached,
         output_tokens=count("output_tokens"),
     )
-
-
-def openai_usage(usage: TokenUsage) -> dict[str, Any]:
-    """The OpenAI `usage` object for `usage`."""
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
-    }
 
 
 def finish_reason(stop_reason: object) -> str:
@@ -346,49 +298,21 @@ def chat_completion(message: object, *, created: int) -> tuple[bytes, TokenUsage
     if tool_calls:
         reply["tool_calls"] = tool_calls
     usage = usage_from_anthropic(message.get("usage")) or TokenUsage(estimated=True)
-    body = {
-        "id": str(message.get("id", "")),
-        "object": "chat.completion",
-        "created": created,
-        "model": str(message.get("model", "")),
-        "choices": [
-            {
-                "index": 0,
-                "message": reply,
-                "finish_reason": finish_reason(message.get("stop_reason")),
-                "logprobs": None,
-            }
-        ],
-        "usage": openai_usage(usage),
-    }
+    body = completion_object(
+        completion_id=str(message.get("id", "")),
+        created=created,
+        model=str(message.get("model", "")),
+        choices=[completion_choice(0, reply, finish_reason(message.get("stop_reason")))],
+        usage=openai_usage(usage),
+    )
     return orjson.dumps(body), usage
 
 
-def _event_data(event: bytes) -> dict[str, Any] | None:
-    """The JSON object of one SSE event (`event:` line ignored: data carries the type)."""
-    lines = [
-        line.removeprefix(b"data:").removeprefix(b" ")
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
-    ]
-    if not lines:
-        return None
-    try:
-        data = orjson.loads(b"\n".join(lines))
-    except orjson.JSONDecodeError:
-        raise UpstreamMalformed("The upstream provider sent a malformed stream event.") from None
-    if not isinstance(data, dict):
-        raise UpstreamMalformed("The upstream provider sent a malformed stream event.")
-    return data
-
-
 def _stream_error(data: dict[str, Any]) -> UpstreamError:
+    """The UpstreamError for an Anthropic `error` event, classed by its error type."""
     error = data.get("error") if isinstance(data.get("error"), dict) else {}
-    message = error.get("message")
     error_class = _STREAM_ERRORS.get(str(error.get("type")), UpstreamError)
-    if isinstance(message, str) and message:
-        return error_class(f"The upstream provider failed mid-stream: {message[:_MESSAGE_LIMIT]}")
-    return error_class("The upstream provider failed mid-stream.")
+    return mid_stream_error(error_class, error.get("message"))
 
 
 class ChunkTranslator:
@@ -419,26 +343,14 @@ class ChunkTranslator:
             estimated=True,
         )
 
+    def _event(self, **fields: object) -> bytes:
+        return chunk_event(chunk_id=self._id, created=self._created, model=self._model, **fields)
+
     def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> bytes:
-        chunk = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self._event(choices=[chunk_choice(0, delta, reason)])
 
     def _usage_chunk(self) -> bytes:
-        chunk = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": [],
-            "usage": openai_usage(self.usage),
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self._event(choices=[], usage=openai_usage(self.usage))
 
     def _merge_usage(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -503,9 +415,4 @@ class ChunkTranslator:
 
     def translate_batch(self, events: list[bytes]) -> bytes:
         """The OpenAI SSE bytes for a batch of raw Anthropic SSE events."""
-        out: list[bytes] = []
-        for event in events:
-            data = _event_data(event)
-            if data is not None:
-                out.extend(self.translate(data))
-        return b"".join(out)
+        return translate_events(events, self.translate)

@@ -11,18 +11,15 @@ class AzureOpenAIAdapter(OpenAIAdapter):
 
     kind = "azure"
 
-    def _url(self, deployment: DeploymentSpec, path: str) -> str:
-        """`{base}/openai/deployments/{upstream_model}{path}?api-version=…` for `deployment`."""
+    def _url(self, deployment: DeploymentSpec, target: str) -> str:
+        """`{base}/openai/deployments/{upstream_model}{target}?api-version=…` for `deployment`."""
         # On Azure the upstream model is the deployment's name, chosen by its owner.
         name = quote(deployment.upstream_model, safe="")
-        url = f"{deployment.base_url.rstrip('/')}/openai/deployments/{name}{path}"
+        url = f"{deployment.base_url.rstrip('/')}/openai/deployments/{name}{target}"
         # Left out when unset, so Azure's own 400 says what is missing.
         if deployment.api_version:
             url += "?" + urlencode({"api-version": deployment.api_version})
         return url
 
-    def _headers(self, deployment: DeploymentSpec, request_id: str) -> dict[str, str]:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        if deployment.api_key:
-            headers["api-key"] = deployment.api_key
-        return headers
+    def _credentials(self, api_key: str) -> dict[str, str]:
+        return {"api-key": api_key}

@@ -4,7 +4,6 @@ import asyncio
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -14,17 +13,13 @@ import orjson
 from billing.contracts import TokenUsage
 from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest
 from routing.errors import InvalidRequest, UpstreamError, UpstreamMalformed, UpstreamRejected
-from routing.providers.base import ProviderAdapter, UpstreamReply, UpstreamStream
+from routing.providers.base import UpstreamReply, UpstreamStream
 from routing.providers.gemini_format import (
     ChunkTranslator,
     chat_completion,
     generate_content_body,
 )
-from routing.providers.upstream import (
-    client_errors_mapped,
-    raise_for_upstream_status,
-    sse_event_batches,
-)
+from routing.providers.upstream import HTTPAdapter, TranslatedStream, client_errors_mapped
 from routing.tokens import estimate_text_tokens
 
 # batchEmbedContents takes at most this many texts per call.
@@ -101,8 +96,10 @@ def _embeddings_list(
     return body, TokenUsage(input_tokens=tokens, estimated=True)
 
 
-class GeminiStream(UpstreamStream):
+class GeminiStream(TranslatedStream):
     """Translates Gemini SSE events into OpenAI chunks as they arrive."""
+
+    _translator: ChunkTranslator
 
     def __init__(
         self,
@@ -112,47 +109,15 @@ class GeminiStream(UpstreamStream):
         include_usage: bool,
         first_event_deadline: float,
     ) -> None:
-        self._response = response
-        self._translator = translator
+        super().__init__(response, translator=translator, first_event_deadline=first_event_deadline)
         self._include_usage = include_usage
-        self._first_event_deadline = first_event_deadline
-        self._complete = False
 
-    @property
-    def usage(self) -> TokenUsage:
-        return self._translator.usage
-
-    async def events(self) -> AsyncIterator[bytes]:
-        batches = sse_event_batches(self._response.content)
-        with client_errors_mapped():
-            remaining_s = max(self._first_event_deadline - time.monotonic(), 0.001)
-            first = b""
-            async with asyncio.timeout(remaining_s):
-                # Translated before anything is yielded, so a blocked prompt is still a 400.
-                while not first:
-                    batch = await anext(batches, None)
-                    if batch is None:
-                        raise UpstreamMalformed(
-                            "The upstream provider closed the stream without data."
-                        )
-                    first = self._translator.translate_batch(batch)
-            yield first
-            async for batch in batches:
-                translated = self._translator.translate_batch(batch)
-                if translated:
-                    yield translated
-        closing = self._translator.closing(include_usage=self._include_usage)
-        self._complete = True  # the upstream body was read to its end
-        yield closing
-
-    async def aclose(self) -> None:
-        if self._complete:
-            self._response.release()  # back to the pool
-        else:
-            self._response.close()  # cut short: the connection cannot be reused
+    def _closing(self) -> bytes:
+        """Open choices closed, usage if the client asked, and [DONE]; raises if unfinished."""
+        return self._translator.closing(include_usage=self._include_usage)
 
 
-class GeminiAdapter(ProviderAdapter):
+class GeminiAdapter(HTTPAdapter):
     kind = "gemini"
     chat_params = frozenset(
         {
@@ -177,78 +142,29 @@ class GeminiAdapter(ProviderAdapter):
         }
     )
 
-    def _url(self, deployment: DeploymentSpec, method: str) -> str:
+    def _url(self, deployment: DeploymentSpec, target: str) -> str:
+        """The URL of the model's `target` method (like generateContent) for `deployment`."""
         name = quote(_model_name(deployment), safe="/")
-        return f"{deployment.base_url.rstrip('/')}/{name}:{method}"
+        return f"{deployment.base_url.rstrip('/')}/{name}:{target}"
 
-    def _headers(self, deployment: DeploymentSpec, request_id: str) -> dict[str, str]:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        if deployment.api_key:
-            headers["x-goog-api-key"] = deployment.api_key
-        return headers
+    def _credentials(self, api_key: str) -> dict[str, str]:
+        return {"x-goog-api-key": api_key}
 
-    async def _post(
-        self,
-        deployment: DeploymentSpec,
-        method: str,
-        body: dict[str, Any],
-        *,
-        request_id: str,
-        client_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        with client_errors_mapped():
-            response = await self.session.post(
-                self._url(deployment, method),
-                data=orjson.dumps(body),
-                headers=self._headers(deployment, request_id),
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
-        try:
-            await raise_for_upstream_status(response)
-        except UpstreamRejected as exc:
-            response.release()
-            # Gemini answers a bad key with 400, not 401: the gateway's fault, not the client's.
-            if _INVALID_KEY_MESSAGE in exc.message:
-                raise UpstreamError(
-                    "The upstream provider refused the gateway's credentials."
-                ) from None
-            raise
-        except BaseException:
-            response.release()
-            raise
-        return response
-
-    async def _complete(
-        self, deployment: DeploymentSpec, method: str, body: dict[str, Any], *, request_id: str
-    ) -> object:
-        """The provider's JSON answer to one non-streamed call."""
-        # A non-streamed answer is silent until it is done: only the total
-        # deadline applies, not the gap-between-chunks read timeout.
-        timeout = aiohttp.ClientTimeout(
-            total=deployment.total_timeout_s, sock_connect=deployment.connect_timeout_s
-        )
-        response = await self._post(
-            deployment, method, body, request_id=request_id, client_timeout=timeout
-        )
-        try:
-            with client_errors_mapped():
-                raw = await response.read()
-        finally:
-            response.release()
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamMalformed(
-                "The upstream provider sent a response that is not JSON."
-            ) from None
+    def _rejection(self, rejected: UpstreamRejected) -> UpstreamError:
+        """A 400 naming an invalid API key is the gateway's credentials failure, not a 400."""
+        # Gemini answers a bad key with 400, not 401: the gateway's fault, not the client's.
+        if _INVALID_KEY_MESSAGE in rejected.message:
+            return UpstreamError("The upstream provider refused the gateway's credentials.")
+        return rejected
 
     async def chat(
         self, deployment: DeploymentSpec, chat: ChatRequest, *, request_id: str
     ) -> UpstreamReply:
         """A chat.completion translated from generateContent; blocked prompts are a 400."""
         body = generate_content_body(chat.payload)
-        answer = await self._complete(deployment, "generateContent", body, request_id=request_id)
+        answer = await self._post_for_json(
+            deployment, "generateContent", body, request_id=request_id
+        )
         completion, usage = chat_completion(
             answer, model=deployment.upstream_model, created=int(time.time())
         )
@@ -263,26 +179,14 @@ class GeminiAdapter(ProviderAdapter):
         translator = ChunkTranslator(
             model=deployment.upstream_model, choices=choices if isinstance(choices, int) else 1
         )
-        first_event_deadline = time.monotonic() + deployment.ttft_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=deployment.total_timeout_s,
-            sock_connect=deployment.connect_timeout_s,
-            sock_read=deployment.read_timeout_s,
+        response, deadline = await self._open_stream(
+            deployment, _STREAM_METHOD, body, request_id=request_id
         )
-        with client_errors_mapped():
-            async with asyncio.timeout(deployment.ttft_timeout_s):
-                response = await self._post(
-                    deployment,
-                    _STREAM_METHOD,
-                    body,
-                    request_id=request_id,
-                    client_timeout=timeout,
-                )
         return GeminiStream(
             response,
             translator=translator,
             include_usage=chat.include_usage,
-            first_event_deadline=first_event_deadline,
+            first_event_deadline=deadline,
         )
 
     async def embeddings(
@@ -300,7 +204,7 @@ class GeminiAdapter(ProviderAdapter):
                     body = _embed_body(
                         batch, model_name=name, dimensions=request.payload.get("dimensions")
                     )
-                    answer = await self._complete(
+                    answer = await self._post_for_json(
                         deployment, "batchEmbedContents", body, request_id=request_id
                     )
                     vectors.extend(_embedding_vectors(answer, expected=len(batch)))

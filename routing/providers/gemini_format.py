@@ -21,6 +21,21 @@ from routing.errors import (
     UpstreamRateLimited,
     UpstreamRejected,
 )
+from routing.providers.openai_payload import (
+    chunk_choice,
+    chunk_event,
+    completion_choice,
+    completion_object,
+    data_url,
+    image_url,
+    invalid,
+    max_tokens,
+    openai_usage,
+    stop_sequences,
+    text_of,
+    tool_call,
+)
+from routing.providers.upstream import mid_stream_error, translate_events
 from routing.tokens import estimate_text_tokens
 
 _FINISH_REASONS: Final = MappingProxyType(
@@ -40,40 +55,16 @@ _AUDIO_TYPES: Final = MappingProxyType({"wav": "audio/wav", "mp3": "audio/mp3"})
 # Gemini 3 rejects replayed function calls without the signature it issued; OpenAI's
 # format cannot carry one, so send the documented sentinel that skips the check.
 SKIP_THOUGHT_SIGNATURE: Final = "skip_thought_signature_validator"
-_MESSAGE_LIMIT: Final = 500
-
-
-def _invalid(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param)
-
-
-def _text_of(content: object, where: str) -> str:
-    """The text of OpenAI message content: a string, or its text (or refusal) parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise _invalid(f"'{where}' must be a string or an array of content parts.", where)
-    texts = []
-    for index, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
-            texts.append(part[kind])
-        else:
-            raise _invalid(f"'{where}[{index}]' must be a text part here.", f"{where}[{index}]")
-    return "\n".join(texts)
 
 
 def _inline_data(url: object, where: str) -> dict[str, Any]:
     """An inlineData part for a base64 data URL; Gemini cannot fetch arbitrary URLs."""
     if not isinstance(url, str) or not url.startswith("data:"):
-        raise _invalid(
+        raise invalid(
             f"'{where}' must be a base64 data URL (data:<type>;base64,...) for Gemini models.",
             where,
         )
-    header, comma, data = url.removeprefix("data:").partition(",")
-    mime_type, _, encoding = header.partition(";")
-    if not comma or encoding != "base64" or not mime_type:
-        raise _invalid(f"'{where}' must be a base64 data URL (data:<type>;base64,...).", where)
+    mime_type, data = data_url(url, where, param=where)
     return {"inlineData": {"mimeType": mime_type, "data": data}}
 
 
@@ -81,7 +72,7 @@ def _user_parts(content: object, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"text": content}]
     if not isinstance(content, list):
-        raise _invalid(f"'{where}' must be a string or an array of content parts.", where)
+        raise invalid(f"'{where}' must be a string or an array of content parts.", where)
     parts = []
     for index, part in enumerate(content):
         part_where = f"{where}[{index}]"
@@ -89,21 +80,19 @@ def _user_parts(content: object, where: str) -> list[dict[str, Any]]:
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"text": part["text"]})
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            parts.append(_inline_data(url, f"{part_where}.image_url.url"))
+            parts.append(_inline_data(image_url(part), f"{part_where}.image_url.url"))
         elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
             audio = part["input_audio"]
             mime_type = _AUDIO_TYPES.get(audio.get("format"))
             if mime_type is None or not isinstance(audio.get("data"), str):
-                raise _invalid(
+                raise invalid(
                     f"'{part_where}.input_audio' needs base64 wav or mp3 data.", part_where
                 )
             parts.append({"inlineData": {"mimeType": mime_type, "data": audio["data"]}})
         elif kind == "file" and isinstance(part.get("file"), dict):
             parts.append(_inline_data(part["file"].get("file_data"), f"{part_where}.file"))
         else:
-            raise _invalid(
+            raise invalid(
                 f"'{part_where}': Gemini models accept text, image, audio and file parts only.",
                 part_where,
             )
@@ -112,22 +101,7 @@ def _user_parts(content: object, where: str) -> list[dict[str, Any]]:
 
 def _function_call_part(call: object, where: str) -> tuple[str, str, dict[str, Any]]:
     """(id, name, functionCall part) for one OpenAI `tool_calls[]` entry."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(call, dict) or not isinstance(function, dict):
-        raise _invalid(f"'{where}' must be a function tool call.", where)
-    name, call_id = function.get("name"), call.get("id")
-    if not isinstance(name, str) or not isinstance(call_id, str):
-        raise _invalid(f"'{where}' needs a string id and function.name.", where)
-    arguments = function.get("arguments")
-    if not isinstance(arguments, str):
-        raise _invalid(f"'{where}.function.arguments' must be a JSON string.", where)
-    try:
-        # A function without parameters may come back with empty arguments.
-        args = orjson.loads(arguments) if arguments.strip() else {}
-    except orjson.JSONDecodeError:
-        raise _invalid(f"'{where}.function.arguments' is not valid JSON.", where) from None
-    if not isinstance(args, dict):
-        raise _invalid(f"'{where}.function.arguments' must be a JSON object.", where)
+    call_id, name, args = tool_call(call, where)
     part = {
         "functionCall": {"name": name, "args": args},
         "thoughtSignature": SKIP_THOUGHT_SIGNATURE,
@@ -136,7 +110,7 @@ def _function_call_part(call: object, where: str) -> tuple[str, str, dict[str, A
 
 
 def _function_response_part(name: str, content: object, where: str) -> dict[str, Any]:
-    text = _text_of(content, where)
+    text = text_of(content, where)
     try:
         result: object = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -147,7 +121,7 @@ def _function_response_part(name: str, content: object, where: str) -> dict[str,
 def _conversation(messages: object) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(systemInstruction parts, contents) for OpenAI `messages`."""
     if not isinstance(messages, list) or not messages:
-        raise _invalid("'messages' must be a non-empty array.", "messages")
+        raise invalid("'messages' must be a non-empty array.", "messages")
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     names_by_call_id: dict[str, str] = {}
@@ -165,15 +139,15 @@ def _conversation(messages: object) -> tuple[list[dict[str, Any]], list[dict[str
         where = f"messages[{index}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            system.append({"text": _text_of(message.get("content"), f"{where}.content")})
+            system.append({"text": text_of(message.get("content"), f"{where}.content")})
         elif role == "user":
             add("user", _user_parts(message.get("content"), f"{where}.content"))
         elif role == "assistant":
-            text = _text_of(message.get("content"), f"{where}.content")
+            text = text_of(message.get("content"), f"{where}.content")
             parts: list[dict[str, Any]] = [{"text": text}] if text else []
             calls = message.get("tool_calls") or []
             if not isinstance(calls, list):
-                raise _invalid(f"'{where}.tool_calls' must be an array.", f"{where}.tool_calls")
+                raise invalid(f"'{where}.tool_calls' must be an array.", f"{where}.tool_calls")
             for call_index, call in enumerate(calls):
                 call_id, name, part = _function_call_part(call, f"{where}.tool_calls[{call_index}]")
                 names_by_call_id[call_id] = name
@@ -183,7 +157,7 @@ def _conversation(messages: object) -> tuple[list[dict[str, Any]], list[dict[str
             call_id = message.get("tool_call_id")
             name = names_by_call_id.get(call_id) if isinstance(call_id, str) else None
             if name is None:
-                raise _invalid(
+                raise invalid(
                     f"'{where}.tool_call_id' does not match a tool call of an earlier message.",
                     f"{where}.tool_call_id",
                 )
@@ -191,7 +165,7 @@ def _conversation(messages: object) -> tuple[list[dict[str, Any]], list[dict[str
         elif role == "function" and isinstance(message.get("name"), str):
             add("user", [_function_response_part(message["name"], message.get("content"), where)])
         else:
-            raise _invalid(f"'{where}.role' cannot be sent to a Gemini model.", f"{where}.role")
+            raise invalid(f"'{where}.role' cannot be sent to a Gemini model.", f"{where}.role")
     return system, contents
 
 
@@ -212,7 +186,7 @@ def _response_format(value: object) -> dict[str, Any]:
             # responseSchema is an OpenAPI subset that rejects e.g. additionalProperties.
             config["responseJsonSchema"] = schema
         return config
-    raise _invalid(
+    raise invalid(
         "'response_format.type' must be text, json_object or json_schema.", "response_format"
     )
 
@@ -230,28 +204,26 @@ def _generation_config(payload: dict[str, Any]) -> dict[str, Any]:
     ):
         if get(openai_name) is not None:
             config[gemini_name] = get(openai_name)
-    max_tokens = get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = get("max_tokens")
-    if max_tokens is not None:
-        config["maxOutputTokens"] = max_tokens
-    stop = get("stop")
-    if stop is not None:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    limit = max_tokens(payload)
+    if limit is not None:
+        config["maxOutputTokens"] = limit
+    stops = stop_sequences(payload)
+    if stops is not None:
+        config["stopSequences"] = stops
     config.update(_response_format(get("response_format")))
     return config
 
 
 def _function_declarations(tools: object) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
-        raise _invalid("'tools' must be an array.", "tools")
+        raise invalid("'tools' must be an array.", "tools")
     declarations = []
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or tool.get("type") != "function":
-            raise _invalid(f"'tools[{index}]': Gemini models take function tools only.", "tools")
+            raise invalid(f"'tools[{index}]': Gemini models take function tools only.", "tools")
         if not isinstance(function.get("name"), str):
-            raise _invalid(f"'tools[{index}].function.name' must be a string.", "tools")
+            raise invalid(f"'tools[{index}].function.name' must be a string.", "tools")
         declaration: dict[str, Any] = {"name": function["name"]}
         if isinstance(function.get("description"), str):
             declaration["description"] = function["description"]
@@ -269,7 +241,7 @@ def _function_calling_config(choice: object) -> dict[str, Any]:
     name = function.get("name") if isinstance(function, dict) else None
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str):
         return {"mode": "ANY", "allowedFunctionNames": [name]}
-    raise _invalid(
+    raise invalid(
         "'tool_choice' must be auto, none, required or a function to call.", "tool_choice"
     )
 
@@ -312,13 +284,10 @@ def usage_from_gemini(metadata: object) -> TokenUsage | None:
     )
 
 
-def openai_usage(usage: TokenUsage) -> dict[str, Any]:
-    """The OpenAI `usage` object for `usage`."""
+def _usage_object(usage: TokenUsage) -> dict[str, Any]:
+    """The OpenAI `usage` object for `usage`, with reasoning tokens (Gemini counts thoughts)."""
     return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+        **openai_usage(usage),
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
@@ -409,26 +378,19 @@ def chat_completion(
         if calls:
             message["tool_calls"] = calls
         index = candidate.get("index", position)
+        reason = finish_reason(candidate.get("finishReason"), called_tools=bool(calls))
         choices.append(
-            {
-                "index": index if isinstance(index, int) else position,
-                "message": message,
-                "finish_reason": finish_reason(
-                    candidate.get("finishReason"), called_tools=bool(calls)
-                ),
-                "logprobs": None,
-            }
+            completion_choice(index if isinstance(index, int) else position, message, reason)
         )
     usage = usage_from_gemini(response.get("usageMetadata")) or TokenUsage(estimated=True)
     version = response.get("modelVersion")
-    body = {
-        "id": _completion_id(response),
-        "object": "chat.completion",
-        "created": created,
-        "model": version if isinstance(version, str) and version else model,
-        "choices": sorted(choices, key=lambda choice: choice["index"]),
-        "usage": openai_usage(usage),
-    }
+    body = completion_object(
+        completion_id=_completion_id(response),
+        created=created,
+        model=version if isinstance(version, str) and version else model,
+        choices=sorted(choices, key=lambda choice: choice["index"]),
+        usage=_usage_object(usage),
+    )
     return body, usage
 
 
@@ -437,33 +399,13 @@ def stream_error(data: dict[str, Any]) -> UpstreamError | None:
     error = data.get("error")
     if not isinstance(error, dict):
         return None
-    code, message = error.get("code"), error.get("message")
+    code = error.get("code")
     error_class: type[UpstreamError] = UpstreamError
     if code == 429:
         error_class = UpstreamRateLimited
     elif isinstance(code, int) and 400 <= code < 500:
         error_class = UpstreamRejected
-    if isinstance(message, str) and message:
-        return error_class(f"The upstream provider failed mid-stream: {message[:_MESSAGE_LIMIT]}")
-    return error_class("The upstream provider failed mid-stream.")
-
-
-def event_data(event: bytes) -> dict[str, Any] | None:
-    """The JSON object of one SSE event, or None for an event without data."""
-    lines = [
-        line.removeprefix(b"data:").removeprefix(b" ")
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
-    ]
-    if not lines:
-        return None
-    try:
-        data = orjson.loads(b"\n".join(lines))
-    except orjson.JSONDecodeError:
-        raise UpstreamMalformed("The upstream provider sent a malformed stream event.") from None
-    if not isinstance(data, dict):
-        raise UpstreamMalformed("The upstream provider sent a malformed stream event.")
-    return data
+    return mid_stream_error(error_class, error.get("message"))
 
 
 class ChunkTranslator:
@@ -501,18 +443,10 @@ class ChunkTranslator:
         )
 
     def _event(self, **fields: object) -> bytes:
-        chunk = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            **fields,
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return chunk_event(chunk_id=self._id, created=self._created, model=self._model, **fields)
 
     def _chunk(self, index: int, delta: dict[str, Any], reason: str | None = None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return self._event(choices=[choice])
+        return self._event(choices=[chunk_choice(index, delta, reason)])
 
     def _start(self, response: dict[str, Any]) -> list[bytes]:
         self._started = True
@@ -573,12 +507,7 @@ class ChunkTranslator:
 
     def translate_batch(self, events: list[bytes]) -> bytes:
         """The OpenAI SSE bytes for a batch of raw Gemini SSE events."""
-        out: list[bytes] = []
-        for event in events:
-            data = event_data(event)
-            if data is not None:
-                out.extend(self.translate(data))
-        return b"".join(out)
+        return translate_events(events, self.translate)
 
     def closing(self, *, include_usage: bool) -> bytes:
         """The end of the OpenAI stream: open choices closed, usage if asked, [DONE]."""
@@ -590,6 +519,6 @@ class ChunkTranslator:
             if index not in self._finished
         ]
         if include_usage:
-            out.append(self._event(choices=[], usage=openai_usage(self.usage)))
+            out.append(self._event(choices=[], usage=_usage_object(self.usage)))
         out.append(b"data: [DONE]\n\n")
         return b"".join(out)

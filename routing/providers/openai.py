@@ -1,8 +1,6 @@
 """OpenAI and OpenAI-compatible hosts: the client's format is the provider's."""
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -10,13 +8,9 @@ import orjson
 
 from billing.contracts import TokenUsage
 from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest
-from routing.errors import UpstreamMalformed
-from routing.providers.base import ProviderAdapter, UpstreamReply, UpstreamStream
-from routing.providers.upstream import (
-    client_errors_mapped,
-    raise_for_upstream_status,
-    sse_event_batches,
-)
+from routing.providers.base import UpstreamReply, UpstreamStream
+from routing.providers.upstream import HTTPAdapter, SSEStream, json_object, read_body
+from routing.tokens import estimate_input_tokens, estimate_prompt_tokens, estimate_text_tokens
 
 _DONE = b"[DONE]"
 
@@ -43,42 +37,38 @@ def usage_from_openai(data: Any) -> TokenUsage | None:
     )
 
 
-class OpenAIStream(UpstreamStream):
+class OpenAIStream(SSEStream):
     """Relays OpenAI SSE events unchanged, reading usage from the final chunk."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, *, include_usage: bool, first_event_deadline: float
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        first_event_deadline: float,
+        include_usage: bool,
+        request_payload: dict[str, Any],
     ) -> None:
-        self._response = response
+        super().__init__(response, first_event_deadline=first_event_deadline)
         self._include_usage = include_usage
-        self._first_event_deadline = first_event_deadline
+        self._request_payload = request_payload
         self._usage: TokenUsage | None = None
         self._content_events = 0
-        self._complete = False
 
     @property
     def usage(self) -> TokenUsage:
+        """The provider's figures once its usage chunk came, else an estimate so far."""
         if self._usage is not None:
             return self._usage
-        # Cut short before the usage chunk: one content event is about one token.
-        return TokenUsage(output_tokens=self._content_events, estimated=True)
+        # Cut short before the usage chunk, or a host that sends none: one content
+        # event is about one token, and the prompt is estimated from the request.
+        return TokenUsage(
+            input_tokens=estimate_prompt_tokens(self._request_payload),
+            output_tokens=self._content_events,
+            estimated=True,
+        )
 
-    async def events(self) -> AsyncIterator[bytes]:
-        batches = sse_event_batches(self._response.content)
-        with client_errors_mapped():
-            remaining_s = max(self._first_event_deadline - time.monotonic(), 0.001)
-            async with asyncio.timeout(remaining_s):
-                first = await anext(batches, None)
-            if first is None:
-                raise UpstreamMalformed("The upstream provider closed the stream without data.")
-            yield self._relay(first)
-            async for batch in batches:
-                relayed = self._relay(batch)
-                if relayed:
-                    yield relayed
-        self._complete = True
-
-    def _relay(self, events: list[bytes]) -> bytes:
+    def _translate(self, events: list[bytes]) -> bytes:
+        """The events unchanged, less a usage-only chunk the client did not ask for."""
         out = []
         for event in events:
             data = event[6:] if event.startswith(b"data: ") else None
@@ -97,12 +87,6 @@ class OpenAIStream(UpstreamStream):
             out.append(b"\n\n")
         return b"".join(out)
 
-    async def aclose(self) -> None:
-        if self._complete:
-            self._response.release()  # back to the pool
-        else:
-            self._response.close()  # cut short: the connection cannot be reused
-
 
 def _loads_or_none(data: bytes) -> dict[str, Any] | None:
     try:
@@ -112,42 +96,48 @@ def _loads_or_none(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-class OpenAIAdapter(ProviderAdapter):
+def _completion_tokens(completion: dict[str, Any]) -> int:
+    """Estimated output tokens of a chat.completion: message text and tool-call arguments."""
+    tokens = 0
+    choices = completion.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("content"), str):
+            tokens += estimate_text_tokens(message["content"])
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                tokens += estimate_text_tokens(arguments)
+    return tokens
+
+
+def _estimated_chat_usage(payload: dict[str, Any], completion: dict[str, Any]) -> TokenUsage:
+    """Usage for a chat.completion sent without any: the prompt's and the answer's estimates."""
+    return TokenUsage(
+        input_tokens=estimate_prompt_tokens(payload),
+        output_tokens=_completion_tokens(completion),
+        estimated=True,
+    )
+
+
+def _estimated_embeddings_usage(payload: dict[str, Any], _answer: dict[str, Any]) -> TokenUsage:
+    """Usage for embeddings sent without any: the estimate of the request's input."""
+    return TokenUsage(input_tokens=estimate_input_tokens(payload.get("input")), estimated=True)
+
+
+class OpenAIAdapter(HTTPAdapter):
     kind = "openai"
 
-    def _url(self, deployment: DeploymentSpec, path: str) -> str:
-        """The URL of the endpoint at `path` (like /chat/completions) for `deployment`."""
-        return deployment.base_url + path
+    def _url(self, deployment: DeploymentSpec, target: str) -> str:
+        """The URL of the endpoint at `target` (like /chat/completions) for `deployment`."""
+        return deployment.base_url + target
 
-    def _headers(self, deployment: DeploymentSpec, request_id: str) -> dict[str, str]:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        if deployment.api_key:
-            headers["authorization"] = f"Bearer {deployment.api_key}"
-        return headers
-
-    async def _post(
-        self,
-        deployment: DeploymentSpec,
-        path: str,
-        payload: dict[str, Any],
-        *,
-        request_id: str,
-        client_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        with client_errors_mapped():
-            response = await self.session.post(
-                self._url(deployment, path),
-                data=orjson.dumps(payload),
-                headers=self._headers(deployment, request_id),
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
-        try:
-            await raise_for_upstream_status(response)
-        except BaseException:
-            response.release()
-            raise
-        return response
+    def _credentials(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
 
     async def _complete(
         self,
@@ -156,35 +146,31 @@ class OpenAIAdapter(ProviderAdapter):
         payload: dict[str, Any],
         *,
         request_id: str,
+        estimate: Callable[[dict[str, Any], dict[str, Any]], TokenUsage],
     ) -> UpstreamReply:
-        # A non-streamed answer is silent until it is done: only the total
-        # deadline applies, not the gap-between-chunks read timeout.
-        timeout = aiohttp.ClientTimeout(
-            total=deployment.total_timeout_s, sock_connect=deployment.connect_timeout_s
-        )
-        response = await self._post(
-            deployment, path, payload, request_id=request_id, client_timeout=timeout
-        )
-        try:
-            with client_errors_mapped():
-                body = await response.read()
-        finally:
-            response.release()
-        data = _loads_or_none(body)
-        if data is None:
-            raise UpstreamMalformed("The upstream provider sent a response that is not JSON.")
-        usage = usage_from_openai(data.get("usage"))
-        return UpstreamReply(body=body, usage=usage or TokenUsage(estimated=True))
+        """The provider's answer unchanged, metered by its usage or else `estimate(payload, it)`."""
+        body = await read_body(await self._post(deployment, path, payload, request_id=request_id))
+        answer = json_object(body)
+        usage = usage_from_openai(answer.get("usage")) or estimate(payload, answer)
+        return UpstreamReply(body=body, usage=usage)
 
     async def chat(
         self, deployment: DeploymentSpec, chat: ChatRequest, *, request_id: str
     ) -> UpstreamReply:
+        """The provider's chat.completion unchanged; usage estimated if it reports none."""
         payload = {**chat.payload, "model": deployment.upstream_model}
-        return await self._complete(deployment, "/chat/completions", payload, request_id=request_id)
+        return await self._complete(
+            deployment,
+            "/chat/completions",
+            payload,
+            request_id=request_id,
+            estimate=_estimated_chat_usage,
+        )
 
     async def chat_stream(
         self, deployment: DeploymentSpec, chat: ChatRequest, *, request_id: str
     ) -> UpstreamStream:
+        """Open the provider's stream, relayed unchanged; returns once the provider accepted."""
         options = chat.payload.get("stream_options") or {}
         payload = {
             **chat.payload,
@@ -192,27 +178,25 @@ class OpenAIAdapter(ProviderAdapter):
             # Always ask for usage so streamed calls are metered exactly.
             "stream_options": {**options, "include_usage": True},
         }
-        first_event_deadline = time.monotonic() + deployment.ttft_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=deployment.total_timeout_s,
-            sock_connect=deployment.connect_timeout_s,
-            sock_read=deployment.read_timeout_s,
+        response, deadline = await self._open_stream(
+            deployment, "/chat/completions", payload, request_id=request_id
         )
-        with client_errors_mapped():
-            async with asyncio.timeout(deployment.ttft_timeout_s):
-                response = await self._post(
-                    deployment,
-                    "/chat/completions",
-                    payload,
-                    request_id=request_id,
-                    client_timeout=timeout,
-                )
         return OpenAIStream(
-            response, include_usage=chat.include_usage, first_event_deadline=first_event_deadline
+            response,
+            first_event_deadline=deadline,
+            include_usage=chat.include_usage,
+            request_payload=chat.payload,
         )
 
     async def embeddings(
         self, deployment: DeploymentSpec, request: EmbeddingsRequest, *, request_id: str
     ) -> UpstreamReply:
+        """The provider's embeddings list unchanged; usage estimated if it reports none."""
         payload = {**request.payload, "model": deployment.upstream_model}
-        return await self._complete(deployment, "/embeddings", payload, request_id=request_id)
+        return await self._complete(
+            deployment,
+            "/embeddings",
+            payload,
+            request_id=request_id,
+            estimate=_estimated_embeddings_usage,
+        )

@@ -1,18 +1,27 @@
-"""Shared upstream HTTP helpers: error mapping and SSE framing for adapters."""
+"""Shared upstream HTTP plumbing for adapters: posting, timeouts, error mapping, SSE relay."""
 
+import abc
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
+from billing.contracts import TokenUsage
+from routing.contracts import DeploymentSpec
 from routing.errors import (
+    GatewayError,
     UpstreamError,
+    UpstreamMalformed,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from routing.providers.base import ProviderAdapter, UpstreamStream
 
 # Error bodies are read for a message only; anything longer is cut.
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -79,6 +88,166 @@ async def raise_for_upstream_status(response: aiohttp.ClientResponse) -> None:
     raise UpstreamError(f"The upstream provider failed (HTTP {status}).")
 
 
+def reply_timeout(deployment: DeploymentSpec) -> aiohttp.ClientTimeout:
+    """The timeout of a non-streamed call: connect, then one deadline for the whole answer."""
+    # A non-streamed answer is silent until it is done: only the total
+    # deadline applies, not the gap-between-chunks read timeout.
+    return aiohttp.ClientTimeout(
+        total=deployment.total_timeout_s, sock_connect=deployment.connect_timeout_s
+    )
+
+
+def stream_timeout(deployment: DeploymentSpec) -> aiohttp.ClientTimeout:
+    """The timeout of a streamed call: connect, the whole stream, and each gap between reads."""
+    return aiohttp.ClientTimeout(
+        total=deployment.total_timeout_s,
+        sock_connect=deployment.connect_timeout_s,
+        sock_read=deployment.read_timeout_s,
+    )
+
+
+def _seconds_until(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    *,
+    headers: dict[str, str],
+    client_timeout: aiohttp.ClientTimeout,
+    accepted_by: float | None = None,
+) -> aiohttp.ClientResponse:
+    """The 2xx response to a JSON POST, by `accepted_by` if set; else UpstreamError, released."""
+    with client_errors_mapped():
+        async with asyncio.timeout(None if accepted_by is None else _seconds_until(accepted_by)):
+            response = await session.post(
+                url,
+                data=orjson.dumps(body),
+                headers=headers,
+                timeout=client_timeout,
+                allow_redirects=False,
+            )
+            try:
+                await raise_for_upstream_status(response)
+            except BaseException:
+                response.release()
+                raise
+    return response
+
+
+async def read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body of a non-streamed reply; the response is released however it ends."""
+    try:
+        with client_errors_mapped():
+            return await response.read()
+    finally:
+        response.release()
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """`raw` parsed as a JSON object; UpstreamMalformed if it is not one."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamMalformed("The upstream provider sent a response that is not JSON.")
+    return data
+
+
+async def read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The JSON object a non-streamed reply carries (else UpstreamMalformed); always released."""
+    return json_object(await read_body(response))
+
+
+class HTTPAdapter(ProviderAdapter):
+    """An adapter whose provider takes JSON POSTs: subclasses say where, and how to sign."""
+
+    @abc.abstractmethod
+    def _url(self, deployment: DeploymentSpec, target: str) -> str:
+        """The URL of `target` (a path or method, as the provider names them) for `deployment`."""
+
+    @abc.abstractmethod
+    def _credentials(self, api_key: str) -> dict[str, str]:
+        """The header that carries `api_key`, the way this provider expects it."""
+
+    def _headers(self, deployment: DeploymentSpec, request_id: str) -> dict[str, str]:
+        """JSON content, the request id, and the credentials header when there is a key."""
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        if deployment.api_key:
+            headers.update(self._credentials(deployment.api_key))
+        return headers
+
+    async def _send(
+        self,
+        deployment: DeploymentSpec,
+        target: str,
+        body: dict[str, Any],
+        *,
+        request_id: str,
+        client_timeout: aiohttp.ClientTimeout,
+        accepted_by: float | None = None,
+    ) -> aiohttp.ClientResponse:
+        """The provider's 2xx response to `body`; raises UpstreamError, the response released."""
+        try:
+            return await post_json(
+                self.session,
+                self._url(deployment, target),
+                body,
+                headers=self._headers(deployment, request_id),
+                client_timeout=client_timeout,
+                accepted_by=accepted_by,
+            )
+        except UpstreamRejected as rejected:
+            raise self._rejection(rejected) from None
+
+    def _rejection(self, rejected: UpstreamRejected) -> UpstreamError:
+        """What the provider's refusal of a request (4xx) means for the client: by default, that."""
+        return rejected
+
+    async def _post(
+        self, deployment: DeploymentSpec, target: str, body: dict[str, Any], *, request_id: str
+    ) -> aiohttp.ClientResponse:
+        """The 2xx response of a non-streamed call, its body still to be read."""
+        return await self._send(
+            deployment,
+            target,
+            body,
+            request_id=request_id,
+            client_timeout=reply_timeout(deployment),
+        )
+
+    async def _post_for_json(
+        self, deployment: DeploymentSpec, target: str, body: dict[str, Any], *, request_id: str
+    ) -> dict[str, Any]:
+        """The JSON object a non-streamed call answers with; raises UpstreamError otherwise."""
+        return await read_json(await self._post(deployment, target, body, request_id=request_id))
+
+    async def _open_stream(
+        self, deployment: DeploymentSpec, target: str, body: dict[str, Any], *, request_id: str
+    ) -> tuple[aiohttp.ClientResponse, float]:
+        """A stream's 2xx response, accepted within TTFT, and the time its first event is due."""
+        first_event_deadline = time.monotonic() + deployment.ttft_timeout_s
+        response = await self._send(
+            deployment,
+            target,
+            body,
+            request_id=request_id,
+            client_timeout=stream_timeout(deployment),
+            accepted_by=first_event_deadline,
+        )
+        return response, first_event_deadline
+
+
+def mid_stream_error(error_class: type[UpstreamError], message: object) -> UpstreamError:
+    """An `error_class` for a failure reported inside a stream, quoting its message if any."""
+    if isinstance(message, str) and message:
+        return error_class(f"The upstream provider failed mid-stream: {message[:_MESSAGE_LIMIT]}")
+    return error_class("The upstream provider failed mid-stream.")
+
+
 async def sse_event_batches(
     content: aiohttp.StreamReader,
 ) -> AsyncIterator[list[bytes]]:
@@ -98,3 +267,143 @@ async def sse_event_batches(
         yield [event for event in events if event]
     if buffer.strip():
         yield [buffer.strip()]
+
+
+def sse_json(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one SSE event's data lines, or None for an event without data."""
+    # An `event:` line is ignored: every provider's data carries its own type.
+    lines = [
+        line.removeprefix(b"data:").removeprefix(b" ")
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    if not lines:
+        return None
+    try:
+        data = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        raise UpstreamMalformed("The upstream provider sent a malformed stream event.") from None
+    if not isinstance(data, dict):
+        raise UpstreamMalformed("The upstream provider sent a malformed stream event.")
+    return data
+
+
+def translate_events(
+    events: list[bytes], translate: Callable[[dict[str, Any]], list[bytes]]
+) -> bytes:
+    """The client's SSE bytes for a batch of upstream events, each translated from its JSON."""
+    out: list[bytes] = []
+    for event in events:
+        data = sse_json(event)
+        if data is not None:
+            out.extend(translate(data))
+    return b"".join(out)
+
+
+class SSEStream(UpstreamStream):
+    """An upstream SSE response relayed batch by batch, its first output due by a deadline."""
+
+    def __init__(self, response: aiohttp.ClientResponse, *, first_event_deadline: float) -> None:
+        self._response = response
+        self._first_event_deadline = first_event_deadline
+        self._complete = False
+
+    @abc.abstractmethod
+    def _translate(self, events: list[bytes]) -> bytes:
+        """The client's SSE bytes for one batch of upstream events (b"" when none are due)."""
+
+    def _closing(self) -> bytes:
+        """The bytes that end the client's stream; raises UpstreamMalformed if it ended early."""
+        return b""
+
+    def _translate_each(self, batch: list[bytes]) -> tuple[bytes, GatewayError | None]:
+        """A batch translated event by event, stopping at the first failing event.
+
+        What came before the failure in the same network read still reaches the
+        client: the caller yields it, then raises the failure.
+        """
+        translated = []
+        for event in batch:
+            try:
+                translated.append(self._translate([event]))
+            except GatewayError as failure:
+                return b"".join(translated), failure
+        return b"".join(translated), None
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Translated batches as they arrive; the first must come by the first-event deadline."""
+        batches = sse_event_batches(self._response.content)
+        with client_errors_mapped():
+            first, failure = b"", None
+            async with asyncio.timeout(_seconds_until(self._first_event_deadline)):
+                # Translated before anything is yielded, so e.g. a blocked prompt is still a 400.
+                while not first and failure is None:
+                    batch = await anext(batches, None)
+                    if batch is None:
+                        raise UpstreamMalformed(
+                            "The upstream provider closed the stream without data."
+                        )
+                    first, failure = self._translate_each(batch)
+            if first:
+                yield first
+            if failure is not None:
+                raise failure
+            async for batch in batches:
+                translated, failure = self._translate_each(batch)
+                if translated:
+                    yield translated
+                if failure is not None:
+                    raise failure
+        closing = self._closing()
+        self._complete = True  # the upstream body was read to its end
+        if closing:
+            yield closing
+
+    async def aclose(self) -> None:
+        """Release the connection to the pool if the stream was read through, else drop it."""
+        if self._complete:
+            self._response.release()  # back to the pool
+        else:
+            self._response.close()  # cut short: the connection cannot be reused
+
+
+class ChunkTranslating(Protocol):
+    """What a provider's stream translator offers: OpenAI chunks, a usage count, an end."""
+
+    @property
+    def usage(self) -> TokenUsage: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def translate_batch(self, events: list[bytes]) -> bytes: ...
+
+
+class TranslatedStream(SSEStream):
+    """A provider's own SSE stream, relayed as OpenAI chunks through its translator."""
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        translator: ChunkTranslating,
+        first_event_deadline: float,
+    ) -> None:
+        super().__init__(response, first_event_deadline=first_event_deadline)
+        self._translator = translator
+
+    @property
+    def usage(self) -> TokenUsage:
+        """The translator's count: the provider's figures once sent, else an estimate so far."""
+        return self._translator.usage
+
+    def _translate(self, events: list[bytes]) -> bytes:
+        """The OpenAI chunks for a batch of the provider's events."""
+        return self._translator.translate_batch(events)
+
+    def _closing(self) -> bytes:
+        """Nothing more to send; raises UpstreamMalformed if the provider never finished."""
+        if not self._translator.finished:
+            # Without its end the client would never get a finish chunk or [DONE].
+            raise UpstreamMalformed("The upstream provider ended the stream before finishing.")
+        return b""
