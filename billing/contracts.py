@@ -65,6 +65,7 @@ class UsageRecord:
     priced: bool = True
     error_class: str = ""
     cache_hit: bool = False
+    attempts: int = 1
     is_stream: bool = False
     latency_ms: int | None = None
     ttft_ms: int | None = None

@@ -53,6 +53,7 @@ def _event_from(record: UsageRecord) -> UsageEvent:
         status_code=record.status_code,
         error_class=record.error_class,
         cache_hit=record.cache_hit,
+        attempts=record.attempts,
         is_stream=record.is_stream,
         latency_ms=record.latency_ms,
         ttft_ms=record.ttft_ms,

@@ -109,6 +109,8 @@ class UsageEvent(models.Model):
     status_code = models.PositiveSmallIntegerField()
     error_class = models.CharField(max_length=64, blank=True)
     cache_hit = models.BooleanField(default=False)
+    # Upstream calls made for this request (retries and fallbacks included).
+    attempts = models.PositiveSmallIntegerField(default=1)
     is_stream = models.BooleanField(default=False)
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)

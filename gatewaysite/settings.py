@@ -224,6 +224,15 @@ TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, mi
 TOLLGATE_USAGE_FLUSH_SECONDS = env_float("TOLLGATE_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
 TOLLGATE_USAGE_BATCH_SIZE = env_int("TOLLGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env_int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+# Circuit breakers per deployment (shared through Redis when REDIS_URL is set).
+TOLLGATE_BREAKER_FAILURES = env_int("TOLLGATE_BREAKER_FAILURES", 5, minimum=1)
+TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(
+    "TOLLGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0.1
+)
+# How fast least-latency routing forgets old measurements.
+TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
+    "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1
+)
 
 # ---------------------------------------------------------------- Logging
 

@@ -59,7 +59,10 @@ class DeploymentAdmin(admin.ModelAdmin):
 class RouteForm(forms.ModelForm):
     class Meta:
         model = Route
-        fields = ["org", "model_name", "strategy", "deployments", "unsupported_params", "enabled"]
+        fields = [
+            "org", "model_name", "strategy", "deployments", "fallback_models", "max_attempts",
+            "deadline_ms", "unsupported_params", "enabled",
+        ]  # fmt: skip
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

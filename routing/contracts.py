@@ -22,6 +22,7 @@ class DeploymentSpec:
     ttft_timeout_s: float
     read_timeout_s: float
     total_timeout_s: float
+    context_window_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,9 @@ class RoutePlan:
     strategy: str
     deployments: tuple[DeploymentSpec, ...]
     unsupported_params: str  # "reject" or "drop"
+    fallback_models: tuple[str, ...]
+    max_attempts: int
+    deadline_s: float
     created: int  # Unix time, as /v1/models reports it
 
 

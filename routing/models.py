@@ -96,6 +96,9 @@ class Deployment(models.Model):
         default=120_000, help_text="Longest silence between two chunks."
     )
     total_timeout_ms = models.PositiveIntegerField(default=600_000)
+    # Prompt plus output tokens the model accepts; longer requests go to the
+    # next deployment or fallback instead (blank: unknown, never skipped).
+    context_window_tokens = models.PositiveIntegerField(null=True, blank=True)
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -123,8 +126,11 @@ class Route(models.Model):
     """A public model name and the deployments that serve it."""
 
     class Strategy(models.TextChoices):
-        PRIORITY = "priority", "Priority (lowest first)"
+        PRIORITY = "priority", "Priority failover (lowest first)"
         WEIGHTED = "weighted", "Weighted random"
+        LEAST_LATENCY = "least_latency", "Least latency (recent, decayed)"
+        LOWEST_COST = "lowest_cost", "Lowest cost for the request"
+        LEAST_BUSY = "least_busy", "Fewest requests in flight"
 
     class UnsupportedParams(models.TextChoices):
         REJECT = "reject", "Answer 400 naming the parameter"
@@ -142,6 +148,15 @@ class Route(models.Model):
     model_name = models.CharField(max_length=200)
     strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.PRIORITY)
     deployments = models.ManyToManyField(Deployment, related_name="routes")
+    # Other public model names to try, in order, when every deployment here fails
+    # (e.g. a GPT route falling back to a Claude route).
+    fallback_models = models.JSONField(default=list, blank=True)
+    max_attempts = models.PositiveSmallIntegerField(
+        default=3, help_text="Upstream calls per request, retries and fallbacks included."
+    )
+    deadline_ms = models.PositiveIntegerField(
+        default=120_000, help_text="No new attempt (retry or fallback) starts after this."
+    )
     # What to do with a request parameter the chosen provider cannot honour.
     unsupported_params = models.CharField(
         max_length=8, choices=UnsupportedParams.choices, default=UnsupportedParams.REJECT
@@ -168,3 +183,14 @@ class Route(models.Model):
     def __str__(self) -> str:
         owner = self.org.slug if self.org_id else "global"
         return f"{self.model_name} ({owner})"
+
+    def clean(self) -> None:
+        fallbacks = self.fallback_models
+        if not isinstance(fallbacks, list) or not all(
+            isinstance(name, str) and name for name in fallbacks
+        ):
+            raise ValidationError({"fallback_models": "Give a list of model names."})
+        if self.model_name in fallbacks:
+            raise ValidationError({"fallback_models": "A route cannot fall back to itself."})
+        if self.max_attempts < 1:
+            raise ValidationError({"max_attempts": "At least one attempt."})

@@ -33,6 +33,7 @@ def _deployment_spec(deployment: Deployment) -> DeploymentSpec:
         ttft_timeout_s=deployment.ttft_timeout_ms / 1000,
         read_timeout_s=deployment.read_timeout_ms / 1000,
         total_timeout_s=deployment.total_timeout_ms / 1000,
+        context_window_tokens=deployment.context_window_tokens,
     )
 
 
@@ -81,6 +82,9 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
             strategy=route.strategy,
             deployments=tuple(usable),
             unsupported_params=route.unsupported_params,
+            fallback_models=tuple(route.fallback_models or ()),
+            max_attempts=route.max_attempts,
+            deadline_s=route.deadline_ms / 1000,
             created=int(route.created_at.timestamp()),
         )
     return plans

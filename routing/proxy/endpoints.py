@@ -3,28 +3,29 @@
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
 from billing.models import UsageEvent
-from routing.contracts import RoutePlan
+from routing.contracts import ChatRequest, DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, NotFound
 from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
-from routing.providers import adapter_for
-from routing.providers.base import UpstreamStream
+from routing.providers.base import ProviderAdapter, UpstreamReply, UpstreamStream
+from routing.proxy.failover import Demand, serve_with_failover
 from routing.proxy.http import ProxyRequest, Response, StreamingResponse
 from routing.proxy.metering import Meter
 from routing.proxy.runtime import ProxyRuntime
 from routing.proxy.steps import (
     apply_param_policy,
     authenticate,
-    choose_deployment,
     parse_chat_request,
     parse_embeddings_request,
     parse_messages_request,
     resolve_route,
 )
 from routing.snapshot import ConfigSnapshot
+from routing.tokens import estimate_input_tokens, estimate_prompt_tokens
 from tenants.contracts import KeyContext
 
 Outcome = UsageEvent.Outcome
@@ -42,6 +43,57 @@ def _authenticated(
     return snapshot, key, meter
 
 
+def _demand(payload: dict[str, Any]) -> Demand:
+    max_output = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return Demand(
+        prompt_tokens=estimate_prompt_tokens(payload),
+        max_output_tokens=max_output if isinstance(max_output, int) else None,
+    )
+
+
+def _served_headers(request: ProxyRequest, meter: Meter) -> dict[str, str]:
+    """Which deployment answered, after how many upstream calls, and the request id."""
+    assert meter.deployment is not None
+    return {
+        "x-request-id": request.request_id,
+        "x-tollgate-deployment": meter.deployment.name,
+        "x-tollgate-attempts": str(meter.attempts),
+    }
+
+
+async def _serve_chat(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    meter: Meter, chat: ChatRequest,
+) -> UpstreamReply | tuple[bytes, AsyncIterator[bytes]]:  # fmt: skip
+    """A chat answer from the first deployment that gives one (a stream: its first chunk)."""
+    plan = meter.route
+    assert plan is not None
+
+    async def attempt(
+        deployment: DeploymentSpec, adapter: ProviderAdapter
+    ) -> UpstreamReply | tuple[bytes, AsyncIterator[bytes]]:
+        accepted = apply_param_policy(chat, adapter, plan)
+        if not chat.stream:
+            return await adapter.chat(deployment, accepted, request_id=request.request_id)
+        stream = await adapter.chat_stream(deployment, accepted, request_id=request.request_id)
+        relay = _relay(stream, meter)
+        # Wait for the first event before answering: a failure until then can
+        # still fail over or get a real status code, and the relay is started,
+        # so its cleanup runs even if the client leaves before the first write.
+        return await anext(relay, b""), relay
+
+    return await serve_with_failover(
+        plan,
+        snapshot=snapshot,
+        adapters=runtime.adapters,
+        health=runtime.health,
+        org_id=key.org_id,
+        demand=_demand(chat.payload),
+        attempt=attempt,
+        on_attempt=meter.serving,
+    )
+
+
 async def chat_completions(
     request: ProxyRequest, runtime: ProxyRuntime
 ) -> Response | StreamingResponse:
@@ -51,26 +103,16 @@ async def chat_completions(
         chat = parse_chat_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.route = resolve_route(snapshot, key, chat.model)
-        meter.deployment = deployment = choose_deployment(meter.route)
-        adapter = adapter_for(runtime.adapters, deployment.provider_kind)
-        chat = apply_param_policy(chat, adapter, meter.route)
-        headers = {"x-request-id": request.request_id}
-        if chat.stream:
-            stream = await adapter.chat_stream(deployment, chat, request_id=request.request_id)
-            relay = _relay(stream, meter)
-            # Wait for the first event before answering: a failure until then still
-            # gets a real status code, and the relay is started, so its cleanup
-            # runs even if the client leaves before the first write.
-            first_chunk = await anext(relay, b"")
-            return StreamingResponse(
-                status=200, first_chunk=first_chunk, chunks=relay, headers=headers
-            )
-        reply = await adapter.chat(deployment, chat, request_id=request.request_id)
+        served = await _serve_chat(request, runtime, snapshot, key, meter, chat)
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
-    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
-    return Response(status=200, body=reply.body, headers=headers)
+    headers = _served_headers(request, meter)
+    if isinstance(served, tuple):
+        first_chunk, relay = served
+        return StreamingResponse(status=200, first_chunk=first_chunk, chunks=relay, headers=headers)
+    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
+    return Response(status=200, body=served.body, headers=headers)
 
 
 async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
@@ -97,7 +139,9 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
         raise
     finally:
         await stream.aclose()
-        if failure is not None:
+        if failure is not None and not started:
+            pass  # not answered yet: the caller fails over, or records the failure
+        elif failure is not None:
             meter.record_failure(failure, usage=stream.usage)
         elif disconnected:
             meter.record(
@@ -117,38 +161,38 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
         chat = parse_messages_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.route = resolve_route(snapshot, key, chat.model)
-        meter.deployment = deployment = choose_deployment(meter.route)
-        adapter = adapter_for(runtime.adapters, deployment.provider_kind)
-        chat = apply_param_policy(chat, adapter, meter.route)
-        headers = {"x-request-id": request.request_id}
-        if chat.stream:
-            stream = await adapter.chat_stream(deployment, chat, request_id=request.request_id)
-            events = _as_anthropic_events(_relay(stream, meter), stream, chat.model)
-            # Started here for the same reasons as in chat_completions.
-            first_chunk = await anext(events, b"")
+        served = await _serve_chat(request, runtime, snapshot, key, meter, chat)
+        headers = _served_headers(request, meter)
+        if isinstance(served, tuple):
+            first_chunk, relay = served
+            events = _as_anthropic_events(first_chunk, relay, meter, chat.model)
+            # Started here for the same reasons as the relay itself.
             return StreamingResponse(
-                status=200, first_chunk=first_chunk, chunks=events, headers=headers
+                status=200, first_chunk=await anext(events, b""), chunks=events, headers=headers
             )
-        reply = await adapter.chat(deployment, chat, request_id=request.request_id)
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
-    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
-    body = message_from_completion(reply.body, reply.usage)
-    return Response(status=200, body=body, headers=headers)
+    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
+    return Response(
+        status=200, body=message_from_completion(served.body, served.usage), headers=headers
+    )
 
 
 async def _as_anthropic_events(
-    relay: AsyncIterator[bytes], stream: UpstreamStream, model: str
+    first_chunk: bytes, relay: AsyncIterator[bytes], meter: Meter, model: str
 ) -> AsyncIterator[bytes]:
     """The relayed OpenAI stream as Anthropic Messages stream events."""
     translator = MessagesStreamTranslator(model=model)
     async with contextlib.aclosing(relay):  # type: ignore[type-var]
+        translated = b"".join(translator.feed(first_chunk))
+        if translated:
+            yield translated
         async for chunk in relay:
             translated = b"".join(translator.feed(chunk))
             if translated:
                 yield translated
-    yield b"".join(translator.finish(stream.usage))
+    yield b"".join(translator.finish(meter.last_usage))
 
 
 async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
@@ -158,16 +202,30 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
         embedding_request = parse_embeddings_request(request.body)
         meter.model = embedding_request.model
         meter.route = resolve_route(snapshot, key, embedding_request.model)
-        meter.deployment = deployment = choose_deployment(meter.route)
-        adapter = adapter_for(runtime.adapters, deployment.provider_kind)
-        reply = await adapter.embeddings(
-            deployment, embedding_request, request_id=request.request_id
+
+        async def attempt(deployment: DeploymentSpec, adapter: ProviderAdapter) -> UpstreamReply:
+            return await adapter.embeddings(
+                deployment, embedding_request, request_id=request.request_id
+            )
+
+        reply = await serve_with_failover(
+            meter.route,
+            snapshot=snapshot,
+            adapters=runtime.adapters,
+            health=runtime.health,
+            org_id=key.org_id,
+            demand=Demand(
+                prompt_tokens=estimate_input_tokens(embedding_request.payload.get("input")),
+                max_output_tokens=None,
+            ),
+            attempt=attempt,
+            on_attempt=meter.serving,
         )
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
-    return Response(status=200, body=reply.body, headers={"x-request-id": request.request_id})
+    return Response(status=200, body=reply.body, headers=_served_headers(request, meter))
 
 
 def _model_object(plan: RoutePlan, key: KeyContext) -> dict[str, object]:

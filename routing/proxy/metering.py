@@ -42,7 +42,14 @@ class Meter:
         self.is_stream = False
         self.route: RoutePlan | None = None
         self.deployment: DeploymentSpec | None = None
+        self.attempts = 0
         self.ttft_ms: int | None = None
+        self.last_usage = TokenUsage()  # what the recorded event was billed for
+
+    def serving(self, deployment: DeploymentSpec) -> None:
+        """An upstream attempt begins on `deployment`."""
+        self.deployment = deployment
+        self.attempts += 1
 
     def first_byte_sent(self) -> None:
         if self.ttft_ms is None:
@@ -66,7 +73,7 @@ class Meter:
         if self._recorded:
             return
         self._recorded = True
-        usage = usage or TokenUsage()
+        usage = self.last_usage = usage or TokenUsage()
         deployment = self.deployment
         price_id, cost, priced = None, 0, True
         if deployment is not None and not usage.is_zero:
@@ -102,6 +109,7 @@ class Meter:
                 price_id=price_id,
                 priced=priced,
                 error_class=error_class,
+                attempts=self.attempts,
                 is_stream=self.is_stream,
                 latency_ms=self._request.elapsed_ms(),
                 ttft_ms=self.ttft_ms,

@@ -4,6 +4,7 @@ usage buffer, and the one thread that talks to the database."""
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -11,8 +12,11 @@ from typing import TypeVar
 import aiohttp
 from django.conf import settings
 from django.db import connections
+from redis.asyncio import Redis
 
 from billing.ingest import UsageBuffer
+from routing.health import BreakerPolicy, DeploymentHealth
+from routing.health_sync import SharedHealth
 from routing.providers import adapters_for
 from routing.providers.base import ProviderAdapter
 from routing.selectors import config_snapshot_load
@@ -22,6 +26,9 @@ from tenants.config import config_revision_get
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Replicas see each other's circuit openings within about this long.
+_HEALTH_SYNC_SECONDS = 1.0
 
 
 def _closing_connections(function: Callable[[], T]) -> Callable[[], T]:
@@ -40,6 +47,14 @@ class ProxyRuntime:
     def __init__(self) -> None:
         self.snapshot: ConfigSnapshot = EMPTY_SNAPSHOT
         self.adapters: dict[str, ProviderAdapter] = {}
+        self.health = DeploymentHealth(
+            BreakerPolicy(
+                consecutive_failures=settings.TOLLGATE_BREAKER_FAILURES,
+                cooldown_s=settings.TOLLGATE_BREAKER_COOLDOWN_SECONDS,
+                latency_half_life_s=settings.TOLLGATE_LATENCY_HALF_LIFE_SECONDS,
+            )
+        )
+        self._redis: Redis | None = None
         self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-db")
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,6 +85,12 @@ class ProxyRuntime:
             asyncio.create_task(self._follow_configuration(), name="tollgate-config"),
             asyncio.create_task(self.usage.run(), name="tollgate-usage"),
         ]
+        if settings.REDIS_URL:
+            self._redis = Redis.from_url(settings.REDIS_URL)
+            shared = SharedHealth(self._redis, policy=self.health.policy)
+            self._tasks.append(
+                asyncio.create_task(self._share_health(shared), name="tollgate-health")
+            )
         logger.info(
             "Proxy ready: %d keys, %d routes",
             len(self.snapshot.keys_by_prefix),
@@ -91,7 +112,15 @@ class ProxyRuntime:
             logger.error("Shutting down with %d usage events unwritten", self.usage.pending)
         if self._session is not None:
             await self._session.close()
+        if self._redis is not None:
+            await self._redis.aclose()
         self._database.shutdown(wait=True)
+
+    async def _share_health(self, shared: SharedHealth) -> None:
+        """Exchange circuit state with the other web processes, once a second."""
+        while True:
+            await asyncio.sleep(_HEALTH_SYNC_SECONDS)
+            await shared.sync(self.health, time.monotonic())
 
     async def _follow_configuration(self) -> None:
         """Reload the snapshot whenever the configuration revision changes."""

@@ -2,16 +2,14 @@
 and raise a GatewayError on failure. None of them does I/O."""
 
 import math
-import random
 from typing import Any
 
 import orjson
 
-from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest, RoutePlan
+from routing.contracts import ChatRequest, EmbeddingsRequest, RoutePlan
 from routing.errors import (
     AuthenticationFailed,
     InvalidRequest,
-    NoDeploymentAvailable,
     NotFound,
     PermissionDenied,
 )
@@ -240,16 +238,3 @@ def resolve_route(snapshot: ConfigSnapshot, key: KeyContext, model: str) -> Rout
             f"This API key is not allowed to use the model '{model}'.", param="model"
         )
     return plan
-
-
-def choose_deployment(plan: RoutePlan) -> DeploymentSpec:
-    """The deployment to call, by the route's strategy."""
-    if not plan.deployments:
-        raise NoDeploymentAvailable(
-            f"No deployment is currently available for the model '{plan.model_name}'."
-        )
-    if plan.strategy == "weighted":
-        weights = [deployment.weight for deployment in plan.deployments]
-        if sum(weights) > 0:
-            return random.choices(plan.deployments, weights=weights)[0]
-    return plan.deployments[0]

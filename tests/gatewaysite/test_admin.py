@@ -122,12 +122,19 @@ def test_audit_log_is_read_only(admin_client_logged_in: Client) -> None:
 
 
 def test_admin_login_is_rate_limited() -> None:
-    cache.clear()
-    client = Client()
-    statuses = [
-        client.post(reverse("admin:login"), {"username": "x", "password": "wrong"}).status_code
-        for _ in range(12)
-    ]
+    def twelve_attempts() -> list[int]:
+        cache.clear()
+        client = Client()
+        return [
+            client.post(reverse("admin:login"), {"username": "x", "password": "wrong"}).status_code
+            for _ in range(12)
+        ]
+
+    # django-ratelimit counts in fixed one-minute windows; a run that straddles
+    # the window's end is repeated once (the next cannot straddle it too).
+    statuses = twelve_attempts()
+    if statuses[10:] != [403, 403]:
+        statuses = twelve_attempts()
     cache.clear()
     assert statuses[:10] == [200] * 10  # the form again, with an error
     assert statuses[10:] == [403, 403]

@@ -21,6 +21,7 @@ from tests.support.gateway import (
     TEST_MAX_REQUEST_BYTES,
     GatewayServer,
     wait_for_events,
+    wait_for_usage_writes_to_settle,
     wait_until,
 )
 
@@ -397,6 +398,7 @@ def test_team_of_another_org_cannot_be_attached_to_a_key(org) -> None:
 
 def test_model_listing_is_metered_too(gateway: GatewayServer, chat_setup) -> None:
     org, _, key = chat_setup
+    wait_for_usage_writes_to_settle()  # the polls made while waiting for the key
     before = UsageEvent.objects.filter(org=org, endpoint="models").count()
     client(gateway, key).models.list()
     wait_until(

@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 # Small limits so the tests can reach them cheaply.
 TEST_MAX_REQUEST_BYTES = 256 * 1024
+TEST_BREAKER_FAILURES = 3
+TEST_BREAKER_COOLDOWN_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
         "TOLLGATE_CONFIG_POLL_SECONDS": "0.05",
         "TOLLGATE_USAGE_FLUSH_SECONDS": "0.05",
         "TOLLGATE_MAX_REQUEST_BYTES": str(TEST_MAX_REQUEST_BYTES),
+        # Breakers that open and cool down within a test's time.
+        "TOLLGATE_BREAKER_FAILURES": str(TEST_BREAKER_FAILURES),
+        "TOLLGATE_BREAKER_COOLDOWN_SECONDS": str(TEST_BREAKER_COOLDOWN_S),
+        "TOLLGATE_LATENCY_HALF_LIFE_SECONDS": "2",
         **extra_env,
     }
     args = [

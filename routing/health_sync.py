@@ -1,0 +1,257 @@
+"""Share circuit-breaker state between web replicas through Redis, off the request path.
+
+The caller runs `await shared.sync(health, time.monotonic())` about once a second (a
+background task, never a request). Each sync is one pipelined round trip that first
+publishes what this process learned since the last sync and then reads the fleet's state:
+
+- `{prefix}:open` (hash) deployment id -> wall-clock ms when its cooldown ends. Written
+  when this process opened a breaker; read by everyone and adopted with
+  `DeploymentHealth.merge_shared` (an open breaker wins over a local closed one). Entries
+  whose time has passed are ignored; the hash expires when no breaker opened for a while.
+- `{prefix}:epoch` (hash) deployment id -> how many times a probe closed its breaker. A
+  successful probe removes the `open` entry and increments the epoch; a replica that sees
+  the epoch move (and no `open` entry) closes its own breaker too.
+- `{prefix}:window` (hash) `"{id}:{epoch}:{bucket}:r|f"` -> requests / failures per
+  fleet-window bucket (`window_s / FLEET_BUCKETS` wide, wall-clock aligned). Every replica
+  adds its counts; each reads the sum over the window for the current epoch, subtracts
+  what it added itself, and applies the rest with `DeploymentHealth.merge_window`, so an
+  error rate split across replicas still opens the breaker. Counts of an older epoch (from
+  before a probe closed the breaker) no longer count; stale fields are deleted by the next
+  sync and the hash expires with the window when traffic stops.
+
+Three fixed keys instead of one per deployment, so a replica learns about deployments it
+has never called without SCAN or a second round trip. Deadlines and buckets use the wall
+clock because monotonic clocks are not comparable across hosts; NTP-level skew is harmless
+at these scales, and an adopted cooldown is capped at the policy's `cooldown_s`.
+
+Redis being down or slow never reaches the caller: `sync` logs and returns, each process's
+breaker keeps working on its own, and breakers opened meanwhile are published when Redis
+is back (if still open). Replicas converge within about one sync interval. Every replica
+whose cooldown ends admits its own half-open probe (one per process, not one per fleet):
+a fleet-wide single probe would need a Redis round trip on the request path.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from routing.health import BreakerPolicy, DeploymentHealth
+
+logger = logging.getLogger(__name__)
+
+# The fleet window is coarser than the local one: fewer hash fields to read every second.
+FLEET_BUCKETS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    deployment_id: int
+    epoch: int
+    bucket: int
+    is_failures: bool
+
+
+def _parse_field(raw: bytes | str) -> _Field | None:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    parts = text.split(":")
+    if len(parts) != 4 or parts[3] not in ("r", "f"):
+        return None
+    try:
+        return _Field(int(parts[0]), int(parts[1]), int(parts[2]), parts[3] == "f")
+    except ValueError:
+        return None
+
+
+def _int_keys(mapping: dict[bytes | str, bytes | str]) -> dict[int, int]:
+    parsed: dict[int, int] = {}
+    for key, value in mapping.items():
+        try:
+            parsed[int(key)] = int(value)
+        except ValueError:
+            continue
+    return parsed
+
+
+class SharedHealth:
+    """Publishes this process's breaker transitions and window counts, and adopts the fleet's."""
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis,
+        *,
+        key_prefix: str = "tollgate:health",
+        policy: BreakerPolicy,
+    ) -> None:
+        self._redis = redis
+        self._policy = policy
+        self._open_key = f"{key_prefix}:open"
+        self._epoch_key = f"{key_prefix}:epoch"
+        self._window_key = f"{key_prefix}:window"
+        self._bucket_s = policy.window_s / FLEET_BUCKETS
+        # Epoch per deployment as last read (absent: 0).
+        self._epochs: dict[int, int] = {}
+        self._has_read = False
+        # What this process added to the fleet window: id -> {(epoch, bucket): [r, f]}.
+        self._own: dict[int, dict[tuple[int, int], list[int]]] = {}
+        # Window fields found stale by the last read, deleted by the next sync.
+        self._stale_fields: list[str] = []
+        # Breakers opened here whose publication failed: id -> monotonic end of cooldown.
+        self._unpublished_opens: dict[int, float] = {}
+        self._failing = False
+
+    async def sync(self, health: DeploymentHealth, now: float) -> None:
+        """Publish local changes and apply the fleet's state, in one round trip; never raises.
+
+        `now` is `time.monotonic()`, the clock `health` runs on.
+        """
+        changes = health.take_changes()
+        opened = {**self._unpublished_opens, **changes.opened}
+        for deployment_id in changes.closed:
+            opened.pop(deployment_id, None)
+        opened = {key: retry_at for key, retry_at in opened.items() if retry_at > now}
+        closed = sorted(changes.closed)
+        wall_s = time.time()
+        bucket = math.floor(wall_s / self._bucket_s)
+
+        pipe = self._redis.pipeline(transaction=False)
+        for deployment_id, retry_at in opened.items():
+            deadline_ms = round((wall_s + retry_at - now) * 1000)
+            pipe.hset(self._open_key, str(deployment_id), deadline_ms)
+        if opened:
+            pipe.pexpire(self._open_key, round(2000 * self._policy.cooldown_s))
+        # HINCRBY replies of our own closes sit at these positions of the results.
+        epoch_replies: list[int] = []
+        for deployment_id in closed:
+            pipe.hdel(self._open_key, str(deployment_id))
+            pipe.hincrby(self._epoch_key, str(deployment_id), 1)
+            epoch_replies.append(len(pipe) - 1)
+        if self._stale_fields:
+            pipe.hdel(self._window_key, *self._stale_fields)
+            self._stale_fields = []
+        added: list[tuple[int, int, int, int]] = []  # (id, epoch, requests, failures)
+        for deployment_id, (requests, failures) in changes.window.items():
+            epoch = self._epochs.get(deployment_id, 0)
+            name = f"{deployment_id}:{epoch}:{bucket}"
+            pipe.hincrby(self._window_key, f"{name}:r", requests)
+            if failures:
+                pipe.hincrby(self._window_key, f"{name}:f", failures)
+            added.append((deployment_id, epoch, requests, failures))
+        if added:
+            window_ttl_ms = math.ceil(1000 * (self._policy.window_s + self._bucket_s))
+            pipe.pexpire(self._window_key, window_ttl_ms)
+        reads_at = len(pipe)
+        pipe.hgetall(self._open_key)
+        pipe.hgetall(self._epoch_key)
+        pipe.hgetall(self._window_key)
+        try:
+            results = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # Opens are re-sent next time if still open; closes and counts are dropped (a
+            # late close could delete a newer open, and late counts would land in the
+            # wrong bucket).
+            self._unpublished_opens = opened
+            self._report_failure(exc)
+            return
+        self._unpublished_opens = {}
+        if self._failing:
+            self._failing = False
+            logger.info("health sync with Redis recovered; sharing circuit state again")
+
+        for deployment_id, epoch, requests, failures in added:
+            own = self._own.setdefault(deployment_id, {}).setdefault((epoch, bucket), [0, 0])
+            own[0] += requests
+            own[1] += failures
+        # A close this process published is no signal to itself.
+        for deployment_id, position in zip(closed, epoch_replies, strict=True):
+            self._epochs[deployment_id] = int(results[position])
+        open_raw, epoch_raw, window_raw = results[reads_at:]
+        self._apply(health, now, wall_s, _int_keys(open_raw), _int_keys(epoch_raw), window_raw)
+
+    def _apply(
+        self,
+        health: DeploymentHealth,
+        now: float,
+        wall_s: float,
+        deadlines_ms: dict[int, int],
+        epochs: dict[int, int],
+        window_raw: dict[bytes | str, bytes | str],
+    ) -> None:
+        opened: dict[int, float] = {}
+        for deployment_id, deadline_ms in deadlines_ms.items():
+            left_s = deadline_ms / 1000 - wall_s
+            if left_s > 0:
+                opened[deployment_id] = min(left_s, self._policy.cooldown_s)
+
+        # An epoch that moved since the last read is a close, unless the breaker is open
+        # again. The first read only learns the epochs: they hold past closes.
+        closed: list[int] = []
+        for deployment_id, epoch in epochs.items():
+            moved = epoch != self._epochs.get(deployment_id, 0)
+            if moved and self._has_read and deployment_id not in opened:
+                closed.append(deployment_id)
+            self._epochs[deployment_id] = epoch
+        self._has_read = True
+        health.merge_shared(opened, now, closed=closed)
+
+        current = math.floor(wall_s / self._bucket_s)
+        oldest = current - FLEET_BUCKETS + 1
+        fleet: dict[int, list[int]] = {}
+        for raw_name, raw_value in window_raw.items():
+            parsed = _parse_field(raw_name)
+            if parsed is None:
+                continue
+            epoch = self._epochs.get(parsed.deployment_id, 0)
+            if parsed.epoch != epoch or parsed.bucket < oldest:
+                self._stale_fields.append(
+                    raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+                )
+                continue
+            try:
+                value = int(raw_value)
+            except ValueError:
+                continue
+            counts = fleet.setdefault(parsed.deployment_id, [0, 0])
+            counts[1 if parsed.is_failures else 0] += value
+
+        others: dict[int, tuple[int, int]] = {}
+        for deployment_id in list(self._own):
+            epoch = self._epochs.get(deployment_id, 0)
+            own = {
+                key: value
+                for key, value in self._own[deployment_id].items()
+                if key[0] == epoch and key[1] >= oldest
+            }
+            if own:
+                self._own[deployment_id] = own
+            else:
+                del self._own[deployment_id]
+        for deployment_id, (requests, failures) in fleet.items():
+            own_requests, own_failures = _sum_own(self._own.get(deployment_id, {}).values())
+            remote = (max(0, requests - own_requests), max(0, failures - own_failures))
+            if remote[0]:
+                others[deployment_id] = remote
+        health.merge_window(others, now)
+
+    def _report_failure(self, exc: Exception) -> None:
+        # One warning per outage, not one per second.
+        if self._failing:
+            logger.debug("health sync with Redis still failing: %s", exc)
+            return
+        self._failing = True
+        logger.warning(
+            "health sync with Redis failed (%s); circuit breakers work per process until back",
+            exc,
+        )
+
+
+def _sum_own(values: Iterable[list[int]]) -> tuple[int, int]:
+    requests = failures = 0
+    for value in values:
+        requests += value[0]
+        failures += value[1]
+    return requests, failures

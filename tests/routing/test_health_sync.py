@@ -1,0 +1,218 @@
+"""Circuit state shared between replicas through a real Redis (db 13, flushed around each test).
+
+Each replica is a `DeploymentHealth` with its own `SharedHealth` and its own monotonic
+clock (replicas' monotonic clocks are not comparable, so they start far apart here).
+"""
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio
+
+from routing.health import BreakerPolicy, CircuitState, DeploymentHealth
+from routing.health_sync import SharedHealth
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
+DEP = 42
+POLICY = BreakerPolicy(consecutive_failures=3, error_rate=0.5, min_requests=10, cooldown_s=30)
+
+
+def _redis_reachable() -> bool:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+pytestmark = [
+    pytest.mark.skipif(not _redis_reachable(), reason=f"no Redis reachable at {REDIS_URL}"),
+    pytest.mark.asyncio,
+]
+
+
+class Replica:
+    """One web process: its health, its sync, and its own monotonic clock."""
+
+    def __init__(self, client: redis.asyncio.Redis, clock: float, policy: BreakerPolicy) -> None:
+        self.health = DeploymentHealth(policy)
+        self.shared = SharedHealth(client, key_prefix="test:health", policy=policy)
+        self.now = clock
+
+    async def sync(self) -> None:
+        await self.shared.sync(self.health, self.now)
+
+    def allow(self, deployment_id: int = DEP) -> bool:
+        return self.health.allow(deployment_id, self.now)
+
+    def state(self, deployment_id: int = DEP) -> CircuitState:
+        return self.health.status(deployment_id, self.now).state
+
+    def fail(self, times: int, deployment_id: int = DEP) -> None:
+        for _ in range(times):
+            self.health.record_failure(deployment_id, self.now)
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[redis.asyncio.Redis]:
+    connection = redis.asyncio.Redis.from_url(REDIS_URL)
+    await connection.flushdb()
+    try:
+        yield connection
+    finally:
+        await connection.flushdb()
+        await connection.aclose()
+
+
+async def replicas(
+    client: redis.asyncio.Redis, policy: BreakerPolicy = POLICY
+) -> tuple[Replica, Replica]:
+    return Replica(client, 1_000.0, policy), Replica(client, 777_000.0, policy)
+
+
+async def sync_round(*fleet: Replica) -> None:
+    for replica in fleet:
+        await replica.sync()
+
+
+async def test_a_breaker_one_replica_opens_is_refused_by_the_other_after_one_round(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = await replicas(client)
+    a.fail(POLICY.consecutive_failures)
+    assert not a.allow()
+    assert b.allow(), "before any sync, B knows nothing"
+    await sync_round(a, b)
+    assert not b.allow(), "B never called the deployment and still refuses it"
+    assert b.state() is CircuitState.OPEN
+    assert b.allow(DEP + 1), "other deployments are unaffected"
+
+
+async def test_a_probe_that_succeeds_after_the_cooldown_closes_the_breaker_everywhere(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = await replicas(client)
+    a.fail(POLICY.consecutive_failures)
+    await sync_round(a, b)
+    b.now += 10
+    assert not b.allow(), "the adopted cooldown is A's, not a fresh one"
+    a.now += POLICY.cooldown_s + 1
+    b.now += POLICY.cooldown_s - 10 + 1
+    assert b.allow(), "B's probe"
+    assert not b.allow(), "one probe at a time"
+    b.health.record_success(DEP, b.now, latency_ms=120)
+    assert b.state() is CircuitState.CLOSED
+    await sync_round(b, a)
+    assert a.state() is CircuitState.CLOSED
+    assert a.allow() and a.allow(), "A is closed, not half-open with a single probe"
+    assert b.state() is CircuitState.CLOSED
+    a.fail(1)
+    await sync_round(a, b, a, b)
+    assert a.allow() and b.allow(), "the failures from before the probe no longer count"
+
+
+async def test_a_failed_probe_reopens_the_breaker_everywhere(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = await replicas(client)
+    b.health.record_success(DEP, b.now, latency_ms=100)
+    a.fail(POLICY.consecutive_failures)
+    await sync_round(a, b)
+    a.now += POLICY.cooldown_s + 1
+    b.now += POLICY.cooldown_s + 1
+    assert a.allow()
+    a.fail(1)
+    await sync_round(a, b)
+    assert not b.allow(), "B adopts A's fresh cooldown instead of probing"
+    b.now += POLICY.cooldown_s - 1
+    assert not b.allow()
+    b.now += 1.5
+    assert b.allow()
+
+
+async def test_failures_split_across_replicas_open_the_breaker_fleet_wide(
+    client: redis.asyncio.Redis,
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=100, error_rate=0.5, min_requests=10)
+    a, b = await replicas(client, policy)
+    for replica in (a, b):  # 6 calls, 4 failures each: locally below min_requests
+        for call in range(6):
+            if call < 4:
+                replica.fail(1)
+            else:
+                replica.health.record_success(DEP, replica.now, latency_ms=100)
+    assert a.allow() and b.allow()
+    await sync_round(a, b, a)
+    assert not a.allow() and not b.allow(), "12 calls, 8 failed, across the fleet"
+    assert b.health.status(DEP, b.now).window_requests == 12
+
+
+async def test_a_low_error_rate_split_across_replicas_keeps_the_breaker_closed(
+    client: redis.asyncio.Redis,
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=100, error_rate=0.5, min_requests=10)
+    a, b = await replicas(client, policy)
+    for replica in (a, b):
+        replica.fail(2)
+        for _ in range(6):
+            replica.health.record_success(DEP, replica.now, latency_ms=100)
+    await sync_round(a, b, a, b)
+    assert a.allow() and b.allow()
+    assert a.health.status(DEP, a.now).window_requests == 16
+    assert b.health.status(DEP, b.now).window_failures == 4
+
+
+async def test_replicas_with_another_key_prefix_are_another_fleet(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, _ = await replicas(client)
+    stranger = DeploymentHealth(POLICY)
+    a.fail(POLICY.consecutive_failures)
+    await a.sync()
+    await SharedHealth(client, key_prefix="elsewhere", policy=POLICY).sync(stranger, 5.0)
+    assert stranger.allow(DEP, 5.0)
+
+
+async def test_a_dead_redis_logs_a_warning_and_keeps_the_local_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = redis.asyncio.Redis.from_url(DEAD_REDIS_URL, socket_connect_timeout=0.5)
+    try:
+        replica = Replica(dead, 1_000.0, POLICY)
+        replica.fail(POLICY.consecutive_failures)
+        with caplog.at_level(logging.WARNING, logger="routing.health_sync"):
+            await replica.sync()
+            await replica.sync()
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, "one warning per outage, not one per sync"
+        assert "per process" in warnings[0].getMessage()
+        assert not replica.allow()
+        replica.now += POLICY.cooldown_s
+        assert replica.allow(), "the local breaker still goes half-open on its own"
+    finally:
+        await dead.aclose()
+
+
+async def test_a_breaker_opened_while_redis_was_down_is_published_once_it_is_back(
+    client: redis.asyncio.Redis,
+) -> None:
+    dead = redis.asyncio.Redis.from_url(DEAD_REDIS_URL, socket_connect_timeout=0.5)
+    try:
+        a, b = await replicas(client)
+        a.shared._redis = dead  # the same process, Redis down for a moment
+        a.fail(POLICY.consecutive_failures)
+        await a.sync()
+        a.shared._redis = client
+        a.now += 5
+        await sync_round(a, b)
+        assert not b.allow()
+        b.now += POLICY.cooldown_s - 5 + 0.5
+        assert b.allow(), "the cooldown left is what remained of A's"
+    finally:
+        await dead.aclose()
