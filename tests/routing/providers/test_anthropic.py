@@ -1,12 +1,10 @@
 """The Anthropic adapter, against the built-in mock's /v1/messages and as pure translation."""
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-import pytest_asyncio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from billing.contracts import TokenUsage
@@ -30,7 +28,7 @@ from routing.providers.anthropic_format import (
     usage_from_anthropic,
 )
 from routing.providers.base import UpstreamStream
-from tests.support.processes import free_port, mock_provider
+from tests.support.processes import free_port
 
 API_KEY = "sk-ant-test-secret-0123456789"
 QUESTION = "Tell me about the mountains"
@@ -45,19 +43,6 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def mock_root() -> Iterator[str]:
-    """The mock provider's root URL: Anthropic base URLs have no /v1."""
-    with mock_provider() as url:
-        yield url.removesuffix("/v1")
-
-
-@pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 
 import base64
 import struct
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import httpx
 import orjson
 import pytest
-import pytest_asyncio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from billing.contracts import TokenUsage
@@ -18,26 +16,12 @@ from routing.errors import UpstreamError, UpstreamRateLimited, UpstreamRejected
 from routing.mockprovider.content import completion_words, embedding_vector
 from routing.providers.azure import AzureOpenAIAdapter
 from routing.providers.openai import OpenAIAdapter
-from tests.support.processes import mock_provider
 
 API_KEY = "azure-test-secret-0123456789"
 API_VERSION = "2024-10-21"
 QUESTION = "Tell me about the mountains"
 PROMPT = [{"role": "user", "content": QUESTION}]
 PROMPT_TOKENS = 5 + 3
-
-
-@pytest.fixture(scope="module")
-def mock_root() -> Iterator[str]:
-    """The mock provider's root URL: Azure resource endpoints have no /v1."""
-    with mock_provider() as url:
-        yield url.removesuffix("/v1")
-
-
-@pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
 
 
 @pytest.fixture

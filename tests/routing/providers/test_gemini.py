@@ -2,14 +2,12 @@
 
 import base64
 import struct
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import httpx
 import orjson
 import pytest
-import pytest_asyncio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from billing.contracts import TokenUsage
@@ -54,19 +52,6 @@ WEATHER_TOOL = {
     },
 }
 TIME_TOOL = {"type": "function", "function": {"name": "get_time"}}
-
-
-@pytest.fixture(scope="module")
-def mock_root() -> Iterator[str]:
-    """The mock provider's root URL (Gemini base URLs end in /v1beta, not /v1)."""
-    with mock_provider() as url:
-        yield url.removesuffix("/v1")
-
-
-@pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The OpenAI adapter's metering: the provider's usage when sent, an estimate when not."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,7 +13,6 @@ from billing.contracts import TokenUsage
 from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest
 from routing.providers.openai import OpenAIAdapter
 from routing.tokens import estimate_input_tokens, estimate_prompt_tokens, estimate_text_tokens
-from tests.support.processes import mock_provider
 
 PROMPT = [{"role": "user", "content": "Tell me about the mountains"}]
 # The mock counts words plus 3 tokens of framing per message.
@@ -102,12 +101,6 @@ async def usageless_host() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     host, port = runner.addresses[0][:2]
     yield f"http://{host}:{port}/v1", sent
     await runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-def mock_url() -> Iterator[str]:
-    with mock_provider() as url:
-        yield url
 
 
 @pytest_asyncio.fixture

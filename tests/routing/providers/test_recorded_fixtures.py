@@ -49,12 +49,6 @@ async def fixture_server() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-@pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 def deployment(root: str, kind: str, fixture: str, status: int = 200) -> DeploymentSpec:
     suffix = "/v1beta" if kind == "gemini" else ""
     return DeploymentSpec(
