@@ -61,7 +61,8 @@ class RouteForm(forms.ModelForm):
         model = Route
         fields = [
             "org", "model_name", "strategy", "deployments", "fallback_models", "max_attempts",
-            "deadline_ms", "unsupported_params", "enabled",
+            "deadline_ms", "cache_ttl_seconds", "cache_hit_billing", "unsupported_params",
+            "enabled",
         ]  # fmt: skip
 
     def clean(self) -> dict[str, Any]:

@@ -38,6 +38,8 @@ class RoutePlan:
     fallback_models: tuple[str, ...]
     max_attempts: int
     deadline_s: float
+    cache_ttl_s: int  # 0: no response cache
+    cache_hits_billed: bool
     created: int  # Unix time, as /v1/models reports it
 
 

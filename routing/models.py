@@ -157,6 +157,16 @@ class Route(models.Model):
     deadline_ms = models.PositiveIntegerField(
         default=120_000, help_text="No new attempt (retry or fallback) starts after this."
     )
+
+    class CacheBilling(models.TextChoices):
+        FREE = "free", "Cache hits cost nothing"
+        FULL = "full", "Cache hits cost what the original call cost"
+
+    # Response cache: 0 keeps it off; clients may bypass it per request.
+    cache_ttl_seconds = models.PositiveIntegerField(default=0)
+    cache_hit_billing = models.CharField(
+        max_length=8, choices=CacheBilling.choices, default=CacheBilling.FREE
+    )
     # What to do with a request parameter the chosen provider cannot honour.
     unsupported_params = models.CharField(
         max_length=8, choices=UnsupportedParams.choices, default=UnsupportedParams.REJECT

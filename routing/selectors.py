@@ -85,6 +85,8 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
             fallback_models=tuple(route.fallback_models or ()),
             max_attempts=route.max_attempts,
             deadline_s=route.deadline_ms / 1000,
+            cache_ttl_s=route.cache_ttl_seconds,
+            cache_hits_billed=route.cache_hit_billing == Route.CacheBilling.FULL,
             created=int(route.created_at.timestamp()),
         )
     return plans

@@ -3,11 +3,12 @@
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from billing.models import UsageEvent
+from routing.cache import CachedReply, cache_key, stream_from_completion
 from routing.contracts import ChatRequest, DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, NotFound
 from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
@@ -61,6 +62,67 @@ def _served_headers(request: ProxyRequest, meter: Meter) -> dict[str, str]:
     }
 
 
+class CacheLookup(NamedTuple):
+    status: str  # "off", "bypass", "miss" or "hit": the x-tollgate-cache header
+    entry_key: str | None  # where to store the answer on a miss
+    hit: CachedReply | None
+
+
+async def _cache_lookup(
+    request: ProxyRequest, runtime: ProxyRuntime, key: KeyContext, meter: Meter, chat: ChatRequest
+) -> CacheLookup:
+    """Whether the route caches, and the cached answer if there is one."""
+    plan = meter.route
+    assert plan is not None
+    if not plan.cache_ttl_s:
+        return CacheLookup("off", None, None)
+    if request.headers.get("x-tollgate-cache", "").lower() == "bypass":
+        return CacheLookup("bypass", None, None)
+    entry_key = cache_key(org_id=key.org_id, model=chat.model, payload=chat.payload)
+    hit = await runtime.cache.get(entry_key)
+    if hit is not None:
+        meter.cache_hit = True
+        if plan.cache_hits_billed:
+            meter.priced_as = (hit.provider_kind, hit.upstream_model)
+        meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=hit.usage)
+        return CacheLookup("hit", entry_key, hit)
+    return CacheLookup("miss", entry_key, None)
+
+
+def _hit_headers(request: ProxyRequest, hit: CachedReply) -> dict[str, str]:
+    return {
+        "x-request-id": request.request_id,
+        "x-tollgate-cache": "hit",
+        "x-tollgate-deployment": hit.deployment_name,
+        "x-tollgate-attempts": "0",
+    }
+
+
+async def _cache_store(
+    runtime: ProxyRuntime, meter: Meter, entry_key: str, reply: UpstreamReply
+) -> None:
+    """Keep a complete answer for the route's cache TTL."""
+    assert meter.route is not None and meter.deployment is not None
+    deployment = meter.deployment
+    await runtime.cache.set(
+        entry_key,
+        CachedReply(
+            body=reply.body,
+            usage=reply.usage,
+            deployment_name=deployment.name,
+            provider_kind=deployment.provider_kind,
+            upstream_model=deployment.upstream_model,
+        ),
+        meter.route.cache_ttl_s,
+    )
+
+
+async def _nothing_more() -> AsyncIterator[bytes]:
+    """The rest of a stream that was sent whole as its first chunk."""
+    return
+    yield b""
+
+
 async def _serve_chat(
     request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
     meter: Meter, chat: ChatRequest,
@@ -103,15 +165,28 @@ async def chat_completions(
         chat = parse_chat_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.route = resolve_route(snapshot, key, chat.model)
+        cache = await _cache_lookup(request, runtime, key, meter, chat)
+        if (hit := cache.hit) is not None:
+            if not chat.stream:
+                return Response(status=200, body=hit.body, headers=_hit_headers(request, hit))
+            replay = stream_from_completion(hit.body, include_usage=chat.include_usage)
+            return StreamingResponse(
+                status=200, first_chunk=replay, chunks=_nothing_more(),
+                headers=_hit_headers(request, hit),
+            )  # fmt: skip
         served = await _serve_chat(request, runtime, snapshot, key, meter, chat)
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
     headers = _served_headers(request, meter)
+    if cache.status != "off":
+        headers["x-tollgate-cache"] = cache.status
     if isinstance(served, tuple):
         first_chunk, relay = served
         return StreamingResponse(status=200, first_chunk=first_chunk, chunks=relay, headers=headers)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
+    if cache.entry_key is not None:
+        await _cache_store(runtime, meter, cache.entry_key, served)
     return Response(status=200, body=served.body, headers=headers)
 
 
@@ -161,8 +236,22 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
         chat = parse_messages_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.route = resolve_route(snapshot, key, chat.model)
+        cache = await _cache_lookup(request, runtime, key, meter, chat)
+        if (hit := cache.hit) is not None:
+            headers = _hit_headers(request, hit)
+            if not chat.stream:
+                body = message_from_completion(hit.body, hit.usage)
+                return Response(status=200, body=body, headers=headers)
+            translator = MessagesStreamTranslator(model=chat.model)
+            replay = stream_from_completion(hit.body, include_usage=False)
+            events = b"".join([*translator.feed(replay), *translator.finish(hit.usage)])
+            return StreamingResponse(
+                status=200, first_chunk=events, chunks=_nothing_more(), headers=headers
+            )
         served = await _serve_chat(request, runtime, snapshot, key, meter, chat)
         headers = _served_headers(request, meter)
+        if cache.status != "off":
+            headers["x-tollgate-cache"] = cache.status
         if isinstance(served, tuple):
             first_chunk, relay = served
             events = _as_anthropic_events(first_chunk, relay, meter, chat.model)
@@ -174,6 +263,8 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
         meter.record_failure(exc)
         raise
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
+    if cache.entry_key is not None:
+        await _cache_store(runtime, meter, cache.entry_key, served)
     return Response(
         status=200, body=message_from_completion(served.body, served.usage), headers=headers
     )

@@ -43,6 +43,10 @@ class Meter:
         self.route: RoutePlan | None = None
         self.deployment: DeploymentSpec | None = None
         self.attempts = 0
+        self.cache_hit = False
+        # (provider kind, upstream model) that prices this request, when no
+        # deployment was called (a billed cache hit).
+        self.priced_as: tuple[str, str] | None = None
         self.ttft_ms: int | None = None
         self.last_usage = TokenUsage()  # what the recorded event was billed for
 
@@ -75,11 +79,14 @@ class Meter:
         self._recorded = True
         usage = self.last_usage = usage or TokenUsage()
         deployment = self.deployment
+        priced_as = self.priced_as or (
+            (deployment.provider_kind, deployment.upstream_model) if deployment else None
+        )
         price_id, cost, priced = None, 0, True
-        if deployment is not None and not usage.is_zero:
+        if priced_as is not None and not usage.is_zero:
             rates = self._snapshot.price_for(
-                provider_kind=deployment.provider_kind,
-                model=deployment.upstream_model,
+                provider_kind=priced_as[0],
+                model=priced_as[1],
                 org_id=self._key.org_id,
                 moment=self._request.started_at,
             )
@@ -109,6 +116,7 @@ class Meter:
                 price_id=price_id,
                 priced=priced,
                 error_class=error_class,
+                cache_hit=self.cache_hit,
                 attempts=self.attempts,
                 is_stream=self.is_stream,
                 latency_ms=self._request.elapsed_ms(),

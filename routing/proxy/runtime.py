@@ -15,6 +15,7 @@ from django.db import connections
 from redis.asyncio import Redis
 
 from billing.ingest import UsageBuffer
+from routing.cache import InProcessCache, RedisResponseCache, ResponseCache
 from routing.health import BreakerPolicy, DeploymentHealth
 from routing.health_sync import SharedHealth
 from routing.providers import adapters_for
@@ -55,6 +56,7 @@ class ProxyRuntime:
             )
         )
         self._redis: Redis | None = None
+        self.cache: ResponseCache = InProcessCache()
         self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-db")
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,6 +89,7 @@ class ProxyRuntime:
         ]
         if settings.REDIS_URL:
             self._redis = Redis.from_url(settings.REDIS_URL)
+            self.cache = RedisResponseCache(self._redis)
             shared = SharedHealth(self._redis, policy=self.health.policy)
             self._tasks.append(
                 asyncio.create_task(self._share_health(shared), name="tollgate-health")

@@ -42,7 +42,8 @@ def spec(deployment_id: int, **fields) -> DeploymentSpec:
 def plan(*deployments: DeploymentSpec, **fields) -> RoutePlan:
     base = RoutePlan(
         route_id=1, org_id=None, model_name="m", strategy="priority", deployments=deployments,
-        unsupported_params="reject", fallback_models=(), max_attempts=3, deadline_s=30, created=0,
+        unsupported_params="reject", fallback_models=(), max_attempts=3, deadline_s=30,
+        cache_ttl_s=0, cache_hits_billed=False, created=0,
     )  # fmt: skip
     return replace(base, **fields)
 
