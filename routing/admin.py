@@ -61,14 +61,16 @@ class RouteForm(forms.ModelForm):
         model = Route
         fields = [
             "org", "model_name", "strategy", "deployments", "fallback_models", "max_attempts",
-            "deadline_ms", "cache_ttl_seconds", "cache_hit_billing", "unsupported_params",
-            "enabled",
+            "deadline_ms", "cache_ttl_seconds", "cache_hit_billing", "variant_deployment",
+            "variant_percent", "variant_sticky_by", "shadow_deployment", "shadow_percent",
+            "unsupported_params", "enabled",
         ]  # fmt: skip
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         org = cleaned.get("org")
-        for deployment in cleaned.get("deployments") or []:
+        extra = [cleaned.get("variant_deployment"), cleaned.get("shadow_deployment")]
+        for deployment in [*(cleaned.get("deployments") or []), *filter(None, extra)]:
             provider_org = deployment.provider.org
             if provider_org is not None and provider_org != org:
                 raise forms.ValidationError(

@@ -41,6 +41,11 @@ class RoutePlan:
     cache_ttl_s: int  # 0: no response cache
     cache_hits_billed: bool
     created: int  # Unix time, as /v1/models reports it
+    variant: DeploymentSpec | None = None  # A/B split
+    variant_percent: int = 0
+    variant_sticky_by: str = "key"  # or "user"
+    shadow: DeploymentSpec | None = None  # shadow traffic
+    shadow_percent: int = 0
 
 
 @dataclass(frozen=True, slots=True)

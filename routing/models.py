@@ -162,6 +162,25 @@ class Route(models.Model):
         FREE = "free", "Cache hits cost nothing"
         FULL = "full", "Cache hits cost what the original call cost"
 
+    class StickyBy(models.TextChoices):
+        KEY = "key", "Virtual key"
+        USER = "user", "End user (the request's `user` field, else the key)"
+
+    # A/B split: this share of traffic goes to the variant first, the same
+    # choice every time for one key (or end user).
+    variant_deployment = models.ForeignKey(
+        Deployment, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    variant_percent = models.PositiveSmallIntegerField(default=0)
+    variant_sticky_by = models.CharField(
+        max_length=8, choices=StickyBy.choices, default=StickyBy.KEY
+    )
+    # Shadow traffic: this share of requests is also sent, in the background,
+    # to a candidate deployment; the client never waits for it or sees it.
+    shadow_deployment = models.ForeignKey(
+        Deployment, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    shadow_percent = models.PositiveSmallIntegerField(default=0)
     # Response cache: 0 keeps it off; clients may bypass it per request.
     cache_ttl_seconds = models.PositiveIntegerField(default=0)
     cache_hit_billing = models.CharField(
@@ -187,6 +206,10 @@ class Route(models.Model):
                 fields=["model_name"],
                 condition=Q(org__isnull=True),
                 name="route_unique_global_name",
+            ),
+            models.CheckConstraint(
+                condition=Q(variant_percent__lte=100) & Q(shadow_percent__lte=100),
+                name="route_percentages_at_most_100",
             ),
         ]
 

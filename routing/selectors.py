@@ -66,13 +66,19 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
     ):
         links[route_id].append(deployment_id)
 
+    def usable_by(route: Route, deployment_id: int | None) -> DeploymentSpec | None:
+        if deployment_id is None or deployment_id not in specs:
+            return None
+        if deployments[deployment_id].provider.org_id not in (None, route.org_id):
+            return None
+        return specs[deployment_id]
+
     plans: dict[tuple[int | None, str], RoutePlan] = {}
     for route in Route.objects.filter(enabled=True):
         usable = [
-            specs[deployment_id]
+            spec
             for deployment_id in links[route.pk]
-            if deployment_id in specs
-            and deployments[deployment_id].provider.org_id in (None, route.org_id)
+            if (spec := usable_by(route, deployment_id)) is not None
         ]
         usable.sort(key=lambda spec: (spec.priority, spec.name))
         plans[(route.org_id, route.model_name)] = RoutePlan(
@@ -88,6 +94,11 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
             cache_ttl_s=route.cache_ttl_seconds,
             cache_hits_billed=route.cache_hit_billing == Route.CacheBilling.FULL,
             created=int(route.created_at.timestamp()),
+            variant=usable_by(route, route.variant_deployment_id),
+            variant_percent=route.variant_percent,
+            variant_sticky_by=route.variant_sticky_by,
+            shadow=usable_by(route, route.shadow_deployment_id),
+            shadow_percent=route.shadow_percent,
         )
     return plans
 

@@ -2,7 +2,13 @@
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
+import random
+import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -12,6 +18,7 @@ from routing.cache import CachedReply, cache_key, stream_from_completion
 from routing.contracts import ChatRequest, DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, NotFound
 from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
+from routing.providers import adapter_for
 from routing.providers.base import ProviderAdapter, UpstreamReply, UpstreamStream
 from routing.proxy.failover import Demand, serve_with_failover
 from routing.proxy.http import ProxyRequest, Response, StreamingResponse
@@ -30,6 +37,7 @@ from routing.tokens import estimate_input_tokens, estimate_prompt_tokens
 from tenants.contracts import KeyContext
 
 Outcome = UsageEvent.Outcome
+logger = logging.getLogger(__name__)
 
 
 def _authenticated(
@@ -144,7 +152,11 @@ async def _serve_chat(
         # so its cleanup runs even if the client leaves before the first write.
         return await anext(relay, b""), relay
 
-    return await serve_with_failover(
+    subject = key.prefix
+    end_user = chat.payload.get("user")
+    if plan.variant_sticky_by == "user" and isinstance(end_user, str) and end_user:
+        subject = end_user
+    served = await serve_with_failover(
         plan,
         snapshot=snapshot,
         adapters=runtime.adapters,
@@ -153,7 +165,51 @@ async def _serve_chat(
         demand=_demand(chat.payload),
         attempt=attempt,
         on_attempt=meter.serving,
+        subject=subject,
     )
+    if plan.shadow is not None and random.random() * 100 < plan.shadow_percent:
+        runtime.spawn(_shadow_call(request, runtime, snapshot, key, meter, chat))
+    return served
+
+
+async def _shadow_call(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    primary: Meter, chat: ChatRequest,
+) -> None:  # fmt: skip
+    """Mirror the request to the route's shadow deployment; metered and logged, never seen."""
+    plan, shadow = primary.route, primary.route.shadow if primary.route else None
+    if plan is None or shadow is None:
+        return
+    mirrored = dataclasses.replace(
+        request, event_id=uuid.uuid4(), started_at=datetime.now(UTC),
+        started_monotonic=time.monotonic(),
+    )  # fmt: skip
+    meter = Meter(
+        request=mirrored, key=key, endpoint=f"{primary.endpoint}.shadow", snapshot=snapshot,
+        sink=runtime.usage,
+    )  # fmt: skip
+    meter.model, meter.route = chat.model, plan
+    meter.serving(shadow)
+    # Always a complete answer: nobody reads a shadow stream.
+    payload = {k: v for k, v in chat.payload.items() if k not in ("stream", "stream_options")}
+    plain = ChatRequest(model=chat.model, payload=payload, stream=False, include_usage=False)
+    try:
+        adapter = adapter_for(runtime.adapters, shadow.provider_kind)
+        reply = await adapter.chat(
+            shadow, apply_param_policy(plain, adapter, plan), request_id=mirrored.request_id
+        )
+    except GatewayError as exc:
+        meter.record_failure(exc)
+        logger.info(
+            "Shadow call to %s for %s failed: %s", shadow.name, chat.model, exc.code or exc.status
+        )
+        return
+    meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
+    logger.info(
+        "Shadow call to %s for %s: %d ms, %d output tokens (primary %s)",
+        shadow.name, chat.model, mirrored.elapsed_ms(), reply.usage.output_tokens,
+        primary.deployment.name if primary.deployment else "-",
+    )  # fmt: skip
 
 
 async def chat_completions(

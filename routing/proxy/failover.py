@@ -8,6 +8,7 @@ stream's first byte has gone to the client nothing is retried.
 """
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -104,6 +105,12 @@ def order_deployments(
     return deployments  # priority: already sorted by priority, then name
 
 
+def ab_bucket(route_id: int, subject: str) -> int:
+    """A stable 0-99 bucket for `subject` on this route, so an A/B choice is sticky."""
+    digest = hashlib.sha256(f"{route_id}:{subject}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
+
 def candidates(
     plan: RoutePlan,
     *,
@@ -111,8 +118,18 @@ def candidates(
     snapshot: ConfigSnapshot,
     org_id: int,
     demand: Demand,
+    subject: str = "",
 ) -> list[DeploymentSpec]:
-    """The route's deployments by strategy, then its fallback routes', without repeats."""
+    """The route's deployments by strategy, then its fallback routes', without repeats.
+
+    In the A/B variant's share (by `subject`: a key or an end user) the variant
+    comes first; the route's own deployments remain its fallbacks.
+    """
+    in_variant = (
+        plan.variant is not None
+        and plan.variant_percent > 0
+        and ab_bucket(plan.route_id, subject) < plan.variant_percent
+    )
     plans = [plan]
     for name in plan.fallback_models:
         fallback = snapshot.route_for(org_id=org_id, model=name)
@@ -120,6 +137,10 @@ def candidates(
             plans.append(fallback)
     seen: set[int] = set()
     ordered = []
+    if in_variant:
+        assert plan.variant is not None
+        seen.add(plan.variant.deployment_id)
+        ordered.append(plan.variant)
     for each in plans:
         for deployment in order_deployments(
             each, health=health, snapshot=snapshot, org_id=org_id, demand=demand
@@ -162,6 +183,7 @@ async def serve_with_failover(
     demand: Demand,
     attempt: Attempt[T],
     on_attempt: Callable[[DeploymentSpec], None],
+    subject: str = "",
 ) -> T:
     """The first successful `attempt`, failing over and retrying per the route.
 
@@ -170,7 +192,9 @@ async def serve_with_failover(
     """
     started_at = time.monotonic()
     deadline = started_at + plan.deadline_s
-    ordered = candidates(plan, health=health, snapshot=snapshot, org_id=org_id, demand=demand)
+    ordered = candidates(
+        plan, health=health, snapshot=snapshot, org_id=org_id, demand=demand, subject=subject
+    )
     fitting = [
         d
         for d in ordered

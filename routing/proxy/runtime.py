@@ -5,9 +5,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from django.conf import settings
@@ -60,6 +60,7 @@ class ProxyRuntime:
         self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-db")
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.usage = UsageBuffer(
             run_sync=self.run_in_database_thread,
             flush_interval_s=settings.TOLLGATE_USAGE_FLUSH_SECONDS,
@@ -100,11 +101,17 @@ class ProxyRuntime:
             len(self.snapshot.routes),
         )
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background (e.g. shadow traffic), kept until it is done."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def stop(self) -> None:
         """Stop the loops, write every pending usage event, close the pool."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for _attempt in range(3):
