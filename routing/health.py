@@ -214,10 +214,20 @@ class DeploymentHealth:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def latency_ms(self, deployment_id: int) -> float | None:
-        """Decayed average latency of successful calls, or None without data."""
+    def latency_ms(self, deployment_id: int, now: float | None = None) -> float | None:
+        """Decayed average latency of successful calls, or None without data.
+
+        Given `now`, a measurement older than two half-lives counts as no data:
+        a deployment that lost its lead long ago gets measured again instead of
+        being judged forever on old numbers.
+        """
         circuit = self._circuits.get(deployment_id)
-        return circuit.latency.value if circuit is not None else None
+        if circuit is None:
+            return None
+        stale_after_s = 2 * self.policy.latency_half_life_s
+        if now is not None and circuit.latency.weight and now - circuit.latency.at > stale_after_s:
+            return None
+        return circuit.latency.value
 
     def ttft_ms(self, deployment_id: int) -> float | None:
         """Decayed average time to first token of successful calls, or None without data."""

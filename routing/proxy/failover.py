@@ -78,8 +78,9 @@ def order_deployments(
     if plan.strategy == "weighted":
         return _weighted_order(deployments)
     if plan.strategy == "least_latency":
-        # A deployment without data yet goes first, so it gets measured.
-        return sorted(deployments, key=lambda d: health.latency_ms(d.deployment_id) or 0.0)
+        # A deployment without (recent) data goes first, so it gets measured.
+        now = time.monotonic()
+        return sorted(deployments, key=lambda d: health.latency_ms(d.deployment_id, now) or 0.0)
     if plan.strategy == "least_busy":
         random.shuffle(deployments)  # ties are shared, not always won by the first
         return sorted(deployments, key=lambda d: health.in_flight(d.deployment_id))

@@ -340,3 +340,11 @@ def test_take_changes_hands_over_transitions_and_counts_once() -> None:
 def test_a_nonsensical_policy_is_refused(fields: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         BreakerPolicy(**fields)  # type: ignore[arg-type]
+
+
+def test_old_latency_counts_as_no_data_so_it_gets_measured_again() -> None:
+    health = DeploymentHealth(BreakerPolicy(latency_half_life_s=10))
+    health.record_success(1, 100.0, latency_ms=500)
+    assert health.latency_ms(1, 110.0) == 500
+    assert health.latency_ms(1, 121.0) is None  # older than two half-lives
+    assert health.latency_ms(1) == 500  # without a clock: the average as it stands
