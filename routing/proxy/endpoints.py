@@ -55,7 +55,7 @@ def _authenticated(
 def _demand(payload: dict[str, Any]) -> Demand:
     max_output = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return Demand(
-        prompt_tokens=estimate_prompt_tokens(payload),
+        estimate=lambda: estimate_prompt_tokens(payload),
         max_output_tokens=max_output if isinstance(max_output, int) else None,
     )
 
@@ -362,7 +362,7 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
             health=runtime.health,
             org_id=key.org_id,
             demand=Demand(
-                prompt_tokens=estimate_input_tokens(embedding_request.payload.get("input")),
+                estimate=lambda: estimate_input_tokens(embedding_request.payload.get("input")),
                 max_output_tokens=None,
             ),
             attempt=attempt,

@@ -12,7 +12,6 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -39,12 +38,31 @@ _BACKOFF_MAX_S = 2.0
 _DEFAULT_OUTPUT_TOKENS = 256
 
 
-@dataclass(frozen=True, slots=True)
 class Demand:
-    """What a request needs from a deployment: tokens, for context and cost ranking."""
+    """What a request needs from a deployment: tokens, for context and cost ranking.
 
-    prompt_tokens: int
-    max_output_tokens: int | None
+    The prompt is only counted if a routing decision asks (lowest cost, or a
+    deployment with a context window), so most requests never pay for it.
+    """
+
+    __slots__ = ("_estimate", "_prompt_tokens", "max_output_tokens")
+
+    def __init__(
+        self,
+        *,
+        max_output_tokens: int | None,
+        prompt_tokens: int | None = None,
+        estimate: Callable[[], int] | None = None,
+    ) -> None:
+        self.max_output_tokens = max_output_tokens
+        self._prompt_tokens = prompt_tokens
+        self._estimate = estimate
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self._prompt_tokens is None:
+            self._prompt_tokens = self._estimate() if self._estimate else 0
+        return self._prompt_tokens
 
     @property
     def total_tokens(self) -> int:

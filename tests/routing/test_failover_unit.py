@@ -224,3 +224,29 @@ def test_least_latency_and_least_busy_follow_live_measurements() -> None:
         busy, health=state, snapshot=snapshot(busy), org_id=1, demand=DEMAND
     )
     assert ordered[0].deployment_id == 2
+
+
+@pytest.mark.asyncio
+async def test_the_prompt_is_only_counted_when_a_routing_decision_needs_it() -> None:
+    counted = []
+
+    def estimate() -> int:
+        counted.append(1)
+        return 10
+
+    route = plan(spec(1), spec(2))
+    await serve_with_failover(
+        route, snapshot=snapshot(route), adapters={"mock": object()}, health=health(), org_id=1,
+        demand=Demand(estimate=estimate, max_output_tokens=None),
+        attempt=lambda deployment, adapter: asyncio.sleep(0, "ok"),
+        on_attempt=lambda deployment: None,
+    )  # fmt: skip
+    assert counted == []
+    sized = plan(spec(1, context_window_tokens=50))
+    await serve_with_failover(
+        sized, snapshot=snapshot(sized), adapters={"mock": object()}, health=health(), org_id=1,
+        demand=Demand(estimate=estimate, max_output_tokens=None),
+        attempt=lambda deployment, adapter: asyncio.sleep(0, "ok"),
+        on_attempt=lambda deployment: None,
+    )  # fmt: skip
+    assert counted == [1]
