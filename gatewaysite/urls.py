@@ -14,4 +14,5 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="dashboard:overview", permanent=False)),
     path("admin/", admin.site.urls),
     path("dashboard/", include("dashboard.urls")),
+    path("api/v1/", include("routing.api_urls")),
 ]

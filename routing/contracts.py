@@ -23,6 +23,8 @@ class DeploymentSpec:
     read_timeout_s: float
     total_timeout_s: float
     context_window_tokens: int | None = None
+    rpm_limit: int | None = None  # the provider's limits for this deployment
+    tpm_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,14 @@ class UpstreamRejected(UpstreamError):
     retryable = False
 
 
+class LimitExceeded(GatewayError):
+    """A limit Tollgate enforces stopped the request before any upstream call."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
 class NoDeploymentAvailable(GatewayError):
     status = 503
     error_type = "api_error"

@@ -16,9 +16,13 @@ A breaker per deployment:
   reports back (cancelled, crashed) is considered lost after `cooldown_s`, and the next
   `allow` admits another, so a breaker cannot stay wedged half-open.
 
+Usage per deployment over the last minute (requests sent, tokens used, plus the tokens
+reserved by calls still in flight) lets the router keep each deployment under its own
+RPM/TPM limits and lets usage-aware routes prefer the one with the most headroom.
+
 Sharing between replicas (`routing/health_sync.py`) is layered on top through
-`take_changes`, `merge_shared` and `merge_window`; without it each process's breaker is
-complete on its own (the embedded default).
+`take_changes`, `merge_shared`, `merge_window` and `merge_usage`; without it each
+process's state is complete on its own (the embedded default).
 """
 
 import enum
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 # Local sliding window resolution: `window_s` is split into this many buckets, so memory per
 # deployment is bounded whatever the traffic (60 buckets = per-second for the default 60 s).
 WINDOW_BUCKETS = 60
+# Providers' rate limits are per minute; usage is counted in one-second buckets.
+USAGE_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,9 @@ class DeploymentStatus:
 
     `window_requests`/`window_failures` are the counts the breaker judges the error rate on:
     this process's window plus the other replicas' counts from the last sync.
-    `opened_at` is on the process's monotonic clock.
+    `minute_requests`/`minute_tokens` is the deployment's usage over the last minute, the
+    fleet's included, with tokens reserved by calls in flight. `opened_at` is on the
+    process's monotonic clock; `retry_in_s` is the cooldown left while open.
     """
 
     deployment_id: int
@@ -76,6 +84,9 @@ class DeploymentStatus:
     ttft_ms: float | None
     in_flight: int
     opened_at: float | None
+    retry_in_s: float | None = None
+    minute_requests: int = 0
+    minute_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +96,13 @@ class HealthChanges:
     `opened`: deployment id -> monotonic time its cooldown ends, for breakers this process
     opened and that are still open. `closed`: breakers this process closed after a
     successful probe. `window`: deployment id -> (requests, failures) recorded since.
+    `usage`: deployment id -> (requests sent, tokens used) since.
     """
 
     opened: Mapping[int, float]
     closed: frozenset[int]
     window: Mapping[int, tuple[int, int]]
+    usage: Mapping[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -119,6 +132,52 @@ class _Decayed:
 
 
 @dataclass(slots=True)
+class _MinuteUsage:
+    """Requests and tokens of the last minute, in one-second buckets."""
+
+    # [second, requests, tokens], oldest first; totals kept alongside.
+    buckets: deque[list[int]] = field(default_factory=deque)
+    requests: int = 0
+    tokens: int = 0
+    reserved_tokens: int = 0  # estimates of the calls in flight, until they report
+    remote_requests: int = 0
+    remote_tokens: int = 0
+    remote_at: float | None = None
+    unsynced_requests: int = 0
+    unsynced_tokens: int = 0
+
+    def add(self, now: float, *, requests: int = 0, tokens: int = 0) -> None:
+        second = self._prune(now)
+        if not self.buckets or self.buckets[-1][0] < second:
+            self.buckets.append([second, 0, 0])
+        bucket = self.buckets[-1]
+        bucket[1] += requests
+        bucket[2] += tokens
+        self.requests += requests
+        self.tokens += tokens
+        self.unsynced_requests += requests
+        self.unsynced_tokens += tokens
+
+    def totals(self, now: float) -> tuple[int, int]:
+        """(requests, tokens) of the last minute: fleet-wide, reservations included."""
+        self._prune(now)
+        requests, tokens = self.requests, self.tokens + self.reserved_tokens
+        if self.remote_at is not None and now - self.remote_at <= USAGE_WINDOW_S:
+            requests += self.remote_requests
+            tokens += self.remote_tokens
+        return requests, max(0, tokens)
+
+    def _prune(self, now: float) -> int:
+        second = math.floor(now)
+        oldest = second - int(USAGE_WINDOW_S) + 1
+        while self.buckets and self.buckets[0][0] < oldest:
+            _, requests, tokens = self.buckets.popleft()
+            self.requests -= requests
+            self.tokens -= tokens
+        return second
+
+
+@dataclass(slots=True)
 class _Circuit:
     state: CircuitState = CircuitState.CLOSED
     consecutive_failures: int = 0
@@ -137,6 +196,7 @@ class _Circuit:
     latency: _Decayed = field(default_factory=_Decayed)
     ttft: _Decayed = field(default_factory=_Decayed)
     in_flight: int = 0
+    usage: _MinuteUsage = field(default_factory=_MinuteUsage)
 
 
 class DeploymentHealth:
@@ -202,15 +262,29 @@ class DeploymentHealth:
         ):
             self._open(deployment_id, circuit, now)
 
-    def started(self, deployment_id: int) -> None:
-        """One more call in flight to the deployment (for least-busy routing)."""
-        self._circuit(deployment_id).in_flight += 1
+    def started(self, deployment_id: int, now: float, *, reserved_tokens: int = 0) -> None:
+        """A call to the deployment begins: one more in flight, one more request this minute.
 
-    def finished(self, deployment_id: int) -> None:
+        `reserved_tokens` (the request's estimate) counts against the deployment's tokens
+        per minute until `finished` releases it and `record_tokens` reports the real count.
+        """
+        circuit = self._circuit(deployment_id)
+        circuit.in_flight += 1
+        circuit.usage.add(now, requests=1)
+        circuit.usage.reserved_tokens += max(0, reserved_tokens)
+
+    def finished(self, deployment_id: int, *, reserved_tokens: int = 0) -> None:
         """One call fewer in flight; never below zero, so an unmatched call is harmless."""
         circuit = self._circuits.get(deployment_id)
         if circuit is not None and circuit.in_flight > 0:
             circuit.in_flight -= 1
+            usage = circuit.usage
+            usage.reserved_tokens = max(0, usage.reserved_tokens - max(0, reserved_tokens))
+
+    def record_tokens(self, deployment_id: int, tokens: int, now: float) -> None:
+        """Tokens a finished call used, towards the deployment's tokens per minute."""
+        if tokens > 0:
+            self._circuit(deployment_id).usage.add(now, tokens=tokens)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -234,6 +308,11 @@ class DeploymentHealth:
         circuit = self._circuits.get(deployment_id)
         return circuit.ttft.value if circuit is not None else None
 
+    def minute_usage(self, deployment_id: int, now: float) -> tuple[int, int]:
+        """(requests, tokens) sent to the deployment over the last minute, fleet-wide."""
+        circuit = self._circuits.get(deployment_id)
+        return circuit.usage.totals(now) if circuit is not None else (0, 0)
+
     def in_flight(self, deployment_id: int) -> int:
         """Calls to the deployment currently in flight from this process."""
         circuit = self._circuits.get(deployment_id)
@@ -247,6 +326,8 @@ class DeploymentHealth:
                 deployment_id, CircuitState.CLOSED, 0, 0, 0, None, None, 0, None
             )
         requests, failures = self._window_counts(circuit, now)
+        minute_requests, minute_tokens = circuit.usage.totals(now)
+        open_ = circuit.state is CircuitState.OPEN
         return DeploymentStatus(
             deployment_id=deployment_id,
             state=circuit.state,
@@ -257,6 +338,9 @@ class DeploymentHealth:
             ttft_ms=circuit.ttft.value,
             in_flight=circuit.in_flight,
             opened_at=circuit.opened_at,
+            retry_in_s=max(0.0, circuit.retry_at - now) if open_ else None,
+            minute_requests=minute_requests,
+            minute_tokens=minute_tokens,
         )
 
     def statuses(self, now: float) -> list[DeploymentStatus]:
@@ -281,11 +365,16 @@ class DeploymentHealth:
                 closed.add(deployment_id)
         self._changes.clear()
         window: dict[int, tuple[int, int]] = {}
+        usage: dict[int, tuple[int, int]] = {}
         for deployment_id, circuit in self._circuits.items():
             if circuit.unsynced_requests:
                 window[deployment_id] = (circuit.unsynced_requests, circuit.unsynced_failures)
                 circuit.unsynced_requests = circuit.unsynced_failures = 0
-        return HealthChanges(opened=opened, closed=frozenset(closed), window=window)
+            minute = circuit.usage
+            if minute.unsynced_requests or minute.unsynced_tokens:
+                usage[deployment_id] = (minute.unsynced_requests, minute.unsynced_tokens)
+                minute.unsynced_requests = minute.unsynced_tokens = 0
+        return HealthChanges(opened=opened, closed=frozenset(closed), window=window, usage=usage)
 
     def merge_shared(
         self, opened: Mapping[int, float], now: float, *, closed: Iterable[int] = ()
@@ -340,6 +429,17 @@ class DeploymentHealth:
             circuit.remote_at = now
             if circuit.state is CircuitState.CLOSED and self._error_rate_exceeded(circuit, now):
                 self._open(deployment_id, circuit, now)
+
+    def merge_usage(self, counts: Mapping[int, tuple[int, int]], now: float) -> None:
+        """Replace the other replicas' last-minute usage: id -> (requests, tokens)."""
+        for deployment_id, circuit in self._circuits.items():
+            if deployment_id not in counts:
+                circuit.usage.remote_requests = circuit.usage.remote_tokens = 0
+                circuit.usage.remote_at = None
+        for deployment_id, (requests, tokens) in counts.items():
+            usage = self._circuit(deployment_id).usage
+            usage.remote_requests, usage.remote_tokens = max(0, requests), max(0, tokens)
+            usage.remote_at = now
 
     # -- internals -------------------------------------------------------------------------
 

@@ -18,8 +18,12 @@ publishes what this process learned since the last sync and then reads the fleet
   error rate split across replicas still opens the breaker. Counts of an older epoch (from
   before a probe closed the breaker) no longer count; stale fields are deleted by the next
   sync and the hash expires with the window when traffic stops.
+- `{prefix}:usage` (hash) `"{id}:{bucket}:r|t"` -> requests sent / tokens used per
+  usage bucket (a minute split in `FLEET_BUCKETS`), summed the same way and applied with
+  `DeploymentHealth.merge_usage`, so RPM/TPM limits hold for the fleet, not per replica
+  (to within one sync interval of traffic).
 
-Three fixed keys instead of one per deployment, so a replica learns about deployments it
+Four fixed keys instead of one per deployment, so a replica learns about deployments it
 has never called without SCAN or a second round trip. Deadlines and buckets use the wall
 clock because monotonic clocks are not comparable across hosts; NTP-level skew is harmless
 at these scales, and an adopted cooldown is capped at the policy's `cooldown_s`.
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from routing.health import BreakerPolicy, DeploymentHealth
+from routing.health import USAGE_WINDOW_S, BreakerPolicy, DeploymentHealth
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,17 @@ def _parse_field(raw: bytes | str) -> _Field | None:
         return None
     try:
         return _Field(int(parts[0]), int(parts[1]), int(parts[2]), parts[3] == "f")
+    except ValueError:
+        return None
+
+
+def _parse_usage_field(raw: bytes | str) -> tuple[int, int, bool] | None:
+    """`"{id}:{bucket}:r|t"` -> (deployment id, bucket, is_tokens)."""
+    parts = (raw.decode() if isinstance(raw, bytes) else raw).split(":")
+    if len(parts) != 3 or parts[2] not in ("r", "t"):
+        return None
+    try:
+        return int(parts[0]), int(parts[1]), parts[2] == "t"
     except ValueError:
         return None
 
@@ -92,7 +107,12 @@ class SharedHealth:
         self._open_key = f"{key_prefix}:open"
         self._epoch_key = f"{key_prefix}:epoch"
         self._window_key = f"{key_prefix}:window"
+        self._usage_key = f"{key_prefix}:usage"
         self._bucket_s = policy.window_s / FLEET_BUCKETS
+        self._usage_bucket_s = USAGE_WINDOW_S / FLEET_BUCKETS
+        # What this process added to the fleet usage: id -> {bucket: [requests, tokens]}.
+        self._own_usage: dict[int, dict[int, list[int]]] = {}
+        self._stale_usage_fields: list[str] = []
         # Epoch per deployment as last read (absent: 0).
         self._epochs: dict[int, int] = {}
         self._has_read = False
@@ -133,6 +153,9 @@ class SharedHealth:
         if self._stale_fields:
             pipe.hdel(self._window_key, *self._stale_fields)
             self._stale_fields = []
+        if self._stale_usage_fields:
+            pipe.hdel(self._usage_key, *self._stale_usage_fields)
+            self._stale_usage_fields = []
         added: list[tuple[int, int, int, int]] = []  # (id, epoch, requests, failures)
         for deployment_id, (requests, failures) in changes.window.items():
             epoch = self._epochs.get(deployment_id, 0)
@@ -144,10 +167,20 @@ class SharedHealth:
         if added:
             window_ttl_ms = math.ceil(1000 * (self._policy.window_s + self._bucket_s))
             pipe.pexpire(self._window_key, window_ttl_ms)
+        usage_bucket = math.floor(wall_s / self._usage_bucket_s)
+        for deployment_id, (requests, tokens) in changes.usage.items():
+            if requests:
+                pipe.hincrby(self._usage_key, f"{deployment_id}:{usage_bucket}:r", requests)
+            if tokens:
+                pipe.hincrby(self._usage_key, f"{deployment_id}:{usage_bucket}:t", tokens)
+        if changes.usage:
+            usage_ttl_ms = math.ceil(1000 * (USAGE_WINDOW_S + self._usage_bucket_s))
+            pipe.pexpire(self._usage_key, usage_ttl_ms)
         reads_at = len(pipe)
         pipe.hgetall(self._open_key)
         pipe.hgetall(self._epoch_key)
         pipe.hgetall(self._window_key)
+        pipe.hgetall(self._usage_key)
         try:
             results = await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -166,11 +199,52 @@ class SharedHealth:
             own = self._own.setdefault(deployment_id, {}).setdefault((epoch, bucket), [0, 0])
             own[0] += requests
             own[1] += failures
+        for deployment_id, (requests, tokens) in changes.usage.items():
+            own = self._own_usage.setdefault(deployment_id, {}).setdefault(usage_bucket, [0, 0])
+            own[0] += requests
+            own[1] += tokens
         # A close this process published is no signal to itself.
         for deployment_id, position in zip(closed, epoch_replies, strict=True):
             self._epochs[deployment_id] = int(results[position])
-        open_raw, epoch_raw, window_raw = results[reads_at:]
+        open_raw, epoch_raw, window_raw, usage_raw = results[reads_at:]
         self._apply(health, now, wall_s, _int_keys(open_raw), _int_keys(epoch_raw), window_raw)
+        self._apply_usage(health, now, wall_s, usage_raw)
+
+    def _apply_usage(
+        self,
+        health: DeploymentHealth,
+        now: float,
+        wall_s: float,
+        usage_raw: dict[bytes | str, bytes | str],
+    ) -> None:
+        """Apply the other replicas' last-minute usage (the fleet's sum minus our own)."""
+        oldest = math.floor(wall_s / self._usage_bucket_s) - FLEET_BUCKETS + 1
+        fleet: dict[int, list[int]] = {}
+        for raw_name, raw_value in usage_raw.items():
+            parsed = _parse_usage_field(raw_name)
+            if parsed is None or parsed[1] < oldest:
+                self._stale_usage_fields.append(
+                    raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+                )
+                continue
+            try:
+                value = int(raw_value)
+            except ValueError:
+                continue
+            fleet.setdefault(parsed[0], [0, 0])[1 if parsed[2] else 0] += value
+        for deployment_id in list(self._own_usage):
+            own = {b: v for b, v in self._own_usage[deployment_id].items() if b >= oldest}
+            if own:
+                self._own_usage[deployment_id] = own
+            else:
+                del self._own_usage[deployment_id]
+        others: dict[int, tuple[int, int]] = {}
+        for deployment_id, (requests, tokens) in fleet.items():
+            own_requests, own_tokens = _sum_own(self._own_usage.get(deployment_id, {}).values())
+            remote = (max(0, requests - own_requests), max(0, tokens - own_tokens))
+            if remote != (0, 0):
+                others[deployment_id] = remote
+        health.merge_usage(others, now)
 
     def _apply(
         self,

@@ -99,6 +99,15 @@ class Deployment(models.Model):
     # Prompt plus output tokens the model accepts; longer requests go to the
     # next deployment or fallback instead (blank: unknown, never skipped).
     context_window_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # The provider's own rate limits for this deployment (blank: none). The router
+    # keeps each deployment under them, and usage-aware routes prefer the one
+    # with the most headroom.
+    rpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per minute this deployment may take."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens per minute this deployment may take."
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -131,6 +140,7 @@ class Route(models.Model):
         LEAST_LATENCY = "least_latency", "Least latency (recent, decayed)"
         LOWEST_COST = "lowest_cost", "Lowest cost for the request"
         LEAST_BUSY = "least_busy", "Fewest requests in flight"
+        USAGE_AWARE = "usage_aware", "Most headroom under the deployments' RPM/TPM limits"
 
     class UnsupportedParams(models.TextChoices):
         REJECT = "reject", "Answer 400 naming the parameter"

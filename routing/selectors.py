@@ -2,10 +2,16 @@
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db.models import Q
+from redis.exceptions import RedisError
 
 from billing.contracts import PriceRates
 from billing.selectors import price_rates_all
 from routing.contracts import DeploymentSpec, RoutePlan
+from routing.health_board import FleetStatus, fleet_statuses
 from routing.models import Deployment, Route
 from routing.providers.presets import default_base_url
 from routing.snapshot import ConfigSnapshot
@@ -34,6 +40,8 @@ def _deployment_spec(deployment: Deployment) -> DeploymentSpec:
         read_timeout_s=deployment.read_timeout_ms / 1000,
         total_timeout_s=deployment.total_timeout_ms / 1000,
         context_window_tokens=deployment.context_window_tokens,
+        rpm_limit=deployment.rpm_limit,
+        tpm_limit=deployment.tpm_limit,
     )
 
 
@@ -119,3 +127,61 @@ def config_snapshot_load() -> ConfigSnapshot:
         routes=route_plans(),
         prices={pair: tuple(rows) for pair, rows in prices.items()},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentHealthRow:
+    """A deployment an organization's traffic may reach, with its live health."""
+
+    deployment_id: int
+    name: str
+    provider_name: str
+    provider_kind: str
+    upstream_model: str
+    routes: tuple[str, ...]  # the org's own and the global routes that use it
+    enabled: bool
+    rpm_limit: int | None
+    tpm_limit: int | None
+    status: FleetStatus | None  # None: no live replica has called it lately
+
+
+def deployment_health_list(*, org_id: int) -> tuple[list[DeploymentHealthRow], bool]:
+    """The deployments of the org's providers and of the routes it can call, with health.
+
+    The flag is False when the shared board could not be read (Redis down): the rows
+    are then listed without live state rather than not at all.
+    """
+    visible_routes = Route.objects.filter(Q(org_id=org_id) | Q(org__isnull=True))
+    deployments = (
+        Deployment.objects.filter(Q(provider__org_id=org_id) | Q(routes__in=visible_routes))
+        .filter(Q(provider__org_id=org_id) | Q(provider__org__isnull=True))
+        .select_related("provider")
+        .distinct()
+        .order_by("provider__name", "priority", "name")
+    )
+    route_names: dict[int, list[str]] = defaultdict(list)
+    for deployment_id, model_name in Route.deployments.through.objects.filter(
+        route__in=visible_routes
+    ).values_list("deployment_id", "route__model_name"):
+        route_names[deployment_id].append(model_name)
+    try:
+        statuses, available = fleet_statuses(settings.REDIS_URL or None), True
+    except RedisError:
+        logger.warning("Deployment health board unreadable: Redis is unavailable")
+        statuses, available = {}, False
+    rows = [
+        DeploymentHealthRow(
+            deployment_id=deployment.pk,
+            name=deployment.name,
+            provider_name=deployment.provider.name,
+            provider_kind=deployment.provider.kind,
+            upstream_model=deployment.upstream_model,
+            routes=tuple(sorted(route_names[deployment.pk])),
+            enabled=deployment.enabled and deployment.provider.enabled,
+            rpm_limit=deployment.rpm_limit,
+            tpm_limit=deployment.tpm_limit,
+            status=statuses.get(deployment.pk),
+        )
+        for deployment in deployments
+    ]
+    return rows, available

@@ -47,7 +47,12 @@ def _authenticated(
     snapshot = runtime.snapshot
     key = authenticate(request, snapshot)
     meter = Meter(
-        request=request, key=key, endpoint=endpoint, snapshot=snapshot, sink=runtime.usage
+        request=request,
+        key=key,
+        endpoint=endpoint,
+        snapshot=snapshot,
+        sink=runtime.usage,
+        health=runtime.health,
     )
     return snapshot, key, meter
 
@@ -186,7 +191,7 @@ async def _shadow_call(
     )  # fmt: skip
     meter = Meter(
         request=mirrored, key=key, endpoint=f"{primary.endpoint}.shadow", snapshot=snapshot,
-        sink=runtime.usage,
+        sink=runtime.usage, health=runtime.health,
     )  # fmt: skip
     meter.model, meter.route = chat.model, plan
     meter.serving(shadow)

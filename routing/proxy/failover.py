@@ -1,10 +1,11 @@
 """Choosing deployments and failing over between them, before the first byte.
 
 A request is tried on the route's deployments in the order its strategy gives,
-then on its fallback routes' deployments, skipping open circuits and models too
-small for the request, until one answers, the attempts run out, or the route's
-deadline passes. Errors caused by the request itself are never retried. Once a
-stream's first byte has gone to the client nothing is retried.
+then on its fallback routes' deployments, skipping open circuits, deployments at
+their RPM/TPM limits and models too small for the request, until one answers,
+the attempts run out, or the route's deadline passes. Errors caused by the
+request itself are never retried. Once a stream's first byte has gone to the
+client nothing is retried.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import (
     GatewayError,
     InvalidRequest,
+    LimitExceeded,
     NoDeploymentAvailable,
     UpstreamError,
 )
@@ -83,6 +85,29 @@ def _weighted_order(deployments: list[DeploymentSpec]) -> list[DeploymentSpec]:
     return ordered
 
 
+def _reserved_tokens(deployment: DeploymentSpec, demand: Demand) -> int:
+    """Tokens a call holds against the deployment's TPM while in flight (only if it has one)."""
+    return demand.total_tokens if deployment.tpm_limit else 0
+
+
+def _load(
+    deployment: DeploymentSpec, health: DeploymentHealth, demand: Demand, now: float
+) -> float:
+    """Share of the deployment's tightest per-minute limit this request would bring it to.
+
+    Above 1.0 the call would break the provider's limit; 0.0 for a deployment without limits.
+    """
+    if deployment.rpm_limit is None and deployment.tpm_limit is None:
+        return 0.0
+    requests, tokens = health.minute_usage(deployment.deployment_id, now)
+    load = 0.0
+    if deployment.rpm_limit is not None:
+        load = (requests + 1) / max(deployment.rpm_limit, 1)
+    if deployment.tpm_limit is not None:
+        load = max(load, (tokens + demand.total_tokens) / max(deployment.tpm_limit, 1))
+    return load
+
+
 def order_deployments(
     plan: RoutePlan,
     *,
@@ -99,6 +124,10 @@ def order_deployments(
         # A deployment without (recent) data goes first, so it gets measured.
         now = time.monotonic()
         return sorted(deployments, key=lambda d: health.latency_ms(d.deployment_id, now) or 0.0)
+    if plan.strategy == "usage_aware":
+        now = time.monotonic()
+        random.shuffle(deployments)  # equal headroom is shared, not always won by the first
+        return sorted(deployments, key=lambda d: _load(d, health, demand, now))
     if plan.strategy == "least_busy":
         random.shuffle(deployments)  # ties are shared, not always won by the first
         return sorted(deployments, key=lambda d: health.in_flight(d.deployment_id))
@@ -229,10 +258,14 @@ async def serve_with_failover(
     last_error: GatewayError | None = None
     previous: DeploymentSpec | None = None
     attempts = 0
+    at_limit = False
     for deployment in _attempt_order(fitting, plan.max_attempts) if fitting else ():
         now = time.monotonic()
         if now >= deadline:
             break
+        if _load(deployment, health, demand, now) > 1.0:
+            at_limit = True
+            continue  # at its provider's limit: not tried, not counted
         if not health.allow(deployment.deployment_id, now):
             continue  # open circuit: not tried, not counted
         if previous is not None and previous.deployment_id == deployment.deployment_id:
@@ -246,7 +279,8 @@ async def serve_with_failover(
         previous = deployment
         attempts += 1
         on_attempt(deployment)
-        health.started(deployment.deployment_id)
+        reserved = _reserved_tokens(deployment, demand)
+        health.started(deployment.deployment_id, now, reserved_tokens=reserved)
         begun = time.monotonic()
         try:
             result = await attempt(deployment, adapter)
@@ -262,12 +296,19 @@ async def serve_with_failover(
             last_error = last_error or NoDeploymentAvailable("No fallback could take this request.")
             continue  # a fallback that cannot honour it is skipped
         finally:
-            health.finished(deployment.deployment_id)
+            health.finished(deployment.deployment_id, reserved_tokens=reserved)
         elapsed_ms = (time.monotonic() - begun) * 1000
         health.record_success(deployment.deployment_id, time.monotonic(), latency_ms=elapsed_ms)
         return result
     if last_error is not None:
         raise last_error
+    if at_limit:
+        raise LimitExceeded(
+            f"Every deployment of '{plan.model_name}' is at its requests- or tokens-per-minute "
+            "limit; retry shortly.",
+            code="deployment_rate_limited",
+            headers={"retry-after": "1"},
+        )
     raise NoDeploymentAvailable(
         f"No deployment of '{plan.model_name}' is available right now; retry shortly.",
         headers={"retry-after": "5"},

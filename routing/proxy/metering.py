@@ -1,5 +1,6 @@
 """Settling a request into exactly one usage event."""
 
+import time
 from datetime import UTC, datetime
 
 from billing.contracts import TokenUsage, UsageRecord
@@ -7,7 +8,8 @@ from billing.ingest import UsageBuffer
 from billing.models import UsageEvent
 from billing.pricing import cost_nanos
 from routing.contracts import DeploymentSpec, RoutePlan
-from routing.errors import GatewayError, UpstreamError
+from routing.errors import GatewayError, LimitExceeded, UpstreamError
+from routing.health import DeploymentHealth
 from routing.proxy.http import ProxyRequest
 from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
@@ -17,6 +19,8 @@ def outcome_of(exc: GatewayError) -> str:
     """Whose failure it was: the provider's, or the client's (a request nobody could serve)."""
     if isinstance(exc, UpstreamError) and exc.retryable:
         return UsageEvent.Outcome.UPSTREAM_ERROR
+    if isinstance(exc, LimitExceeded):
+        return UsageEvent.Outcome.BLOCKED
     return UsageEvent.Outcome.CLIENT_ERROR
 
 
@@ -31,11 +35,13 @@ class Meter:
         endpoint: str,
         snapshot: ConfigSnapshot,
         sink: UsageBuffer,
+        health: DeploymentHealth | None = None,
     ) -> None:
         self._request = request
         self._key = key
         self._snapshot = snapshot
         self._sink = sink
+        self._health = health  # hears the tokens each deployment used, for TPM limits
         self._recorded = False
         self.endpoint = endpoint
         self.model = ""
@@ -82,6 +88,12 @@ class Meter:
         priced_as = self.priced_as or (
             (deployment.provider_kind, deployment.upstream_model) if deployment else None
         )
+        if self._health is not None and deployment is not None and not usage.is_zero:
+            self._health.record_tokens(
+                deployment.deployment_id,
+                usage.input_tokens + usage.output_tokens,
+                time.monotonic(),
+            )
         price_id, cost, priced = None, 0, True
         if priced_as is not None and not usage.is_zero:
             rates = self._snapshot.price_for(

@@ -13,10 +13,12 @@ import aiohttp
 from django.conf import settings
 from django.db import connections
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from billing.ingest import UsageBuffer
 from routing.cache import InProcessCache, RedisResponseCache, ResponseCache
 from routing.health import BreakerPolicy, DeploymentHealth
+from routing.health_board import post_local, post_shared
 from routing.health_sync import SharedHealth
 from routing.providers import adapters_for
 from routing.providers.base import ProviderAdapter
@@ -88,13 +90,12 @@ class ProxyRuntime:
             asyncio.create_task(self._follow_configuration(), name="tollgate-config"),
             asyncio.create_task(self.usage.run(), name="tollgate-usage"),
         ]
+        shared: SharedHealth | None = None
         if settings.REDIS_URL:
             self._redis = Redis.from_url(settings.REDIS_URL)
             self.cache = RedisResponseCache(self._redis)
             shared = SharedHealth(self._redis, policy=self.health.policy)
-            self._tasks.append(
-                asyncio.create_task(self._share_health(shared), name="tollgate-health")
-            )
+        self._tasks.append(asyncio.create_task(self._watch_health(shared), name="tollgate-health"))
         logger.info(
             "Proxy ready: %d keys, %d routes",
             len(self.snapshot.keys_by_prefix),
@@ -126,11 +127,18 @@ class ProxyRuntime:
             await self._redis.aclose()
         self._database.shutdown(wait=True)
 
-    async def _share_health(self, shared: SharedHealth) -> None:
-        """Exchange circuit state with the other web processes, once a second."""
+    async def _watch_health(self, shared: SharedHealth | None) -> None:
+        """Once a second: exchange circuit state and usage with the other web processes
+        (through Redis, when there is one) and post it for the dashboard and the API."""
         while True:
             await asyncio.sleep(_HEALTH_SYNC_SECONDS)
+            if shared is None or self._redis is None:
+                post_local(self.health.statuses(time.monotonic()))
+                continue
             await shared.sync(self.health, time.monotonic())
+            # The sync logs Redis outages; a missed post only ages the board.
+            with contextlib.suppress(RedisError, OSError):
+                await post_shared(self._redis, self.health.statuses(time.monotonic()))
 
     async def _follow_configuration(self) -> None:
         """Reload the snapshot whenever the configuration revision changes."""

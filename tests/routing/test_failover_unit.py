@@ -16,6 +16,7 @@ from billing.contracts import PriceRates
 from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import (
     InvalidRequest,
+    LimitExceeded,
     NoDeploymentAvailable,
     UpstreamError,
     UpstreamRateLimited,
@@ -218,8 +219,8 @@ def test_least_latency_and_least_busy_follow_live_measurements() -> None:
     assert ordered[0].deployment_id == 2
 
     busy = plan(spec(1), spec(2), strategy="least_busy")
-    state.started(1)
-    state.started(1)
+    state.started(1, time.monotonic())
+    state.started(1, time.monotonic())
     ordered = order_deployments(
         busy, health=state, snapshot=snapshot(busy), org_id=1, demand=DEMAND
     )
@@ -250,3 +251,60 @@ async def test_the_prompt_is_only_counted_when_a_routing_decision_needs_it() -> 
         on_attempt=lambda deployment: None,
     )  # fmt: skip
     assert counted == [1]
+
+
+def test_usage_aware_prefers_the_deployment_with_the_most_headroom() -> None:
+    state = health()
+    now = time.monotonic()
+    small, large = spec(1, rpm_limit=10), spec(2, rpm_limit=100)
+    route = plan(small, large, strategy="usage_aware")
+    for _ in range(5):
+        state.started(2, now)  # 5% of large's minute against 10% of small's next call
+        state.finished(2)
+    ordered = order_deployments(
+        route, health=state, snapshot=snapshot(route), org_id=1, demand=DEMAND
+    )
+    assert [d.deployment_id for d in ordered] == [2, 1]
+    for _ in range(60):
+        state.started(2, now)
+        state.finished(2)
+    ordered = order_deployments(
+        route, health=state, snapshot=snapshot(route), org_id=1, demand=DEMAND
+    )
+    assert [d.deployment_id for d in ordered] == [1, 2], "large is now the busier one"
+
+    by_tokens = plan(spec(3, tpm_limit=1_000), spec(4, tpm_limit=100_000), strategy="usage_aware")
+    ordered = order_deployments(
+        by_tokens, health=state, snapshot=snapshot(by_tokens), org_id=1, demand=DEMAND
+    )
+    assert ordered[0].deployment_id == 4, "200 tokens are 20% of the small TPM limit"
+
+
+@pytest.mark.asyncio
+async def test_a_deployment_at_its_rpm_limit_is_skipped_for_the_next() -> None:
+    state = health()
+    limited = plan(spec(1, rpm_limit=2), spec(2))
+    served = [(await serve(limited, {1: ["one"], 2: ["two"]}, state=state))[1] for _ in range(3)]
+    assert served == [[1], [1], [2]], "the third call this minute would break the limit"
+
+
+@pytest.mark.asyncio
+async def test_tokens_in_flight_count_against_the_tpm_limit() -> None:
+    state = health()
+    state.started(1, time.monotonic(), reserved_tokens=900)  # a long call still running
+    route = plan(spec(1, tpm_limit=1_000), spec(2))
+    _, calls = await serve(route, {1: ["never"], 2: ["ok"]}, state=state)
+    assert calls == [2], "900 held + 200 for this request would exceed 1,000"
+
+
+@pytest.mark.asyncio
+async def test_every_deployment_at_its_limit_is_a_429_with_retry_after() -> None:
+    state = health()
+    route = plan(spec(1, rpm_limit=1), spec(2, rpm_limit=1))
+    await serve(route, {1: ["a"], 2: ["b"]}, state=state)
+    await serve(route, {1: ["a"], 2: ["b"]}, state=state)
+    with pytest.raises(LimitExceeded) as raised:
+        await serve(route, {1: ["never"], 2: ["never"]}, state=state)
+    assert raised.value.status == 429
+    assert raised.value.code == "deployment_rate_limited"
+    assert "retry-after" in raised.value.headers

@@ -195,13 +195,13 @@ def test_in_flight_counts_calls_and_never_goes_negative() -> None:
     health = DeploymentHealth()
     health.finished(DEP)  # unmatched finish of an unknown deployment
     assert health.in_flight(DEP) == 0
-    health.started(DEP)
-    health.started(DEP)
+    health.started(DEP, T0)
+    health.started(DEP, T0)
     assert health.in_flight(DEP) == 2
     for _ in range(5):
         health.finished(DEP)
     assert health.in_flight(DEP) == 0
-    health.started(DEP)
+    health.started(DEP, T0)
     assert health.in_flight(DEP) == 1
     assert health.status(DEP, T0).in_flight == 1
 
@@ -235,7 +235,7 @@ def test_memory_stays_bounded_over_100k_records_across_days() -> None:
 def test_statuses_list_every_known_deployment_by_id() -> None:
     health = DeploymentHealth()
     health.record_success(9, T0, latency_ms=10)
-    health.started(3)
+    health.started(3, T0)
     health.record_failure(5, T0)
     statuses = health.statuses(T0)
     assert [status.deployment_id for status in statuses] == [3, 5, 9]
@@ -348,3 +348,33 @@ def test_old_latency_counts_as_no_data_so_it_gets_measured_again() -> None:
     assert health.latency_ms(1, 110.0) == 500
     assert health.latency_ms(1, 121.0) is None  # older than two half-lives
     assert health.latency_ms(1) == 500  # without a clock: the average as it stands
+
+
+def test_minute_usage_counts_requests_tokens_and_reservations_for_one_minute() -> None:
+    health = DeploymentHealth()
+    assert health.minute_usage(DEP, T0) == (0, 0)
+    health.started(DEP, T0, reserved_tokens=500)
+    assert health.minute_usage(DEP, T0) == (1, 500), "in flight: its estimate is held"
+    health.finished(DEP, reserved_tokens=500)
+    health.record_tokens(DEP, 320, T0 + 1)
+    assert health.minute_usage(DEP, T0 + 1) == (1, 320), "finished: the real count replaces it"
+    health.started(DEP, T0 + 30)
+    health.finished(DEP)
+    assert health.minute_usage(DEP, T0 + 59.5) == (2, 320)
+    status = health.status(DEP, T0 + 59.5)
+    assert (status.minute_requests, status.minute_tokens) == (2, 320)
+    assert health.minute_usage(DEP, T0 + 61.5) == (1, 0), "the first seconds left the minute"
+    assert health.minute_usage(DEP, T0 + 200) == (0, 0)
+
+
+def test_minute_usage_adds_the_other_replicas_and_hands_over_its_own_once() -> None:
+    health = DeploymentHealth()
+    health.started(DEP, T0)
+    health.record_tokens(DEP, 100, T0)
+    assert health.take_changes().usage == {DEP: (1, 100)}
+    assert health.take_changes().usage == {}
+    health.merge_usage({DEP: (10, 5_000), OTHER: (3, 30)}, T0)
+    assert health.minute_usage(DEP, T0) == (11, 5_100)
+    assert health.minute_usage(OTHER, T0) == (3, 30)
+    health.merge_usage({}, T0 + 1)
+    assert health.minute_usage(DEP, T0 + 1) == (1, 100), "replaced, not accumulated"

@@ -216,3 +216,20 @@ async def test_a_breaker_opened_while_redis_was_down_is_published_once_it_is_bac
         assert b.allow(), "the cooldown left is what remained of A's"
     finally:
         await dead.aclose()
+
+
+async def test_minute_usage_is_shared_so_limits_hold_for_the_fleet(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = await replicas(client)
+    for _ in range(4):
+        a.health.started(DEP, a.now)
+        a.health.finished(DEP)
+    a.health.record_tokens(DEP, 1_000, a.now)
+    b.health.started(DEP, b.now)
+    b.health.finished(DEP)
+    await sync_round(a, b, a)
+    assert b.health.minute_usage(DEP, b.now) == (5, 1_000), "B sees A's four and its own"
+    assert a.health.minute_usage(DEP, a.now) == (5, 1_000), "A does not count itself twice"
+    await sync_round(a, b)
+    assert a.health.minute_usage(DEP, a.now) == (5, 1_000), "a quiet round adds nothing"

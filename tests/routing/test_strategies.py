@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
+import openai
 import pytest
 
 from billing.models import ModelPrice
@@ -95,3 +96,21 @@ def test_least_latency_moves_traffic_away_from_a_deployment_made_slow(
                 break
         else:
             pytest.fail("least-latency routing kept sending traffic to the slow deployment")
+
+
+def test_usage_aware_keeps_each_deployment_under_its_rpm_limit(
+    gateway: GatewayServer, org, strategy_route, live_key: IssueKey
+) -> None:
+    strategy_route(
+        "usage_aware", ("small", "u-small", {"rpm_limit": 3}), ("big", "u-big", {"rpm_limit": 9})
+    )
+    key = live_key(org)
+    with httpx.Client() as client:
+        counts = collections.Counter(served_by(client, gateway, key) for _ in range(12))
+    assert counts == {"small": 3, "big": 9}, "both filled exactly to their limits"
+
+    sdk = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(model="r", messages=HELLO, max_tokens=1)
+    assert raised.value.code == "deployment_rate_limited"
+    assert raised.value.response.headers["retry-after"]

@@ -1,0 +1,75 @@
+"""Deployment health in the dashboard and the API: circuit state as the live fleet sees it."""
+
+import httpx
+import pytest
+from django.test import Client
+
+from tenants.models import Membership
+from tests.conftest import IssueKey, MakeRoute
+from tests.factories import OrganizationFactory, UserFactory
+from tests.support.gateway import GatewayServer, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def session_for(role: str, org) -> dict[str, str]:
+    """A signed-in session cookie for a new member of `org` with `role`."""
+    user = UserFactory()
+    Membership.objects.create(user=user, org=org, role=role)
+    client = Client()
+    client.force_login(user)
+    return {"sessionid": client.cookies["sessionid"].value}
+
+
+def test_an_opened_circuit_shows_in_the_api_and_the_dashboard(
+    gateway: GatewayServer, org, make_route: MakeRoute, live_key: IssueKey
+) -> None:
+    make_route(model="flaky", org=org, upstream_model="flaky+fault=500")
+    make_route(model="steady", org=org, upstream_model="steady")
+    other = OrganizationFactory(name="Other Org")
+    make_route(model="theirs", org=other, provider_org=other, upstream_model="theirs")
+    key = live_key(org)
+    admin = session_for(Membership.Role.ADMIN, org)
+
+    with httpx.Client(base_url=gateway.base_url, cookies=admin) as client:
+        for model in ("flaky", "steady"):
+            client.post(
+                "/v1/chat/completions",
+                headers={"authorization": f"Bearer {key}"},
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            )
+
+        def health() -> dict[str, dict]:
+            response = client.get(f"/api/v1/deployments/health/?org={org.slug}")
+            assert response.status_code == 200, response.text
+            return {row["name"]: row for row in response.json()["data"]}
+
+        rows = wait_until(
+            lambda: (h := health())["flaky-deployment"]["circuit"] == "open" and h,
+            what="the flaky deployment's circuit to show as open",
+        )
+        flaky, steady = rows["flaky-deployment"], rows["steady-deployment"]
+        assert flaky["retry_in_s"] > 0 and flaky["window_failures"] == 3
+        assert flaky["routes"] == ["flaky"]
+        assert steady["circuit"] == "closed" and steady["live"]
+        assert steady["latency_ms"] is not None and steady["requests_last_minute"] == 1
+        assert "theirs-deployment" not in rows, "another organization's deployment"
+
+        page = client.get(f"/dashboard/health/?org={org.slug}")
+        assert page.status_code == 200
+        assert "flaky-deployment" in page.text and ">Open</span>" in page.text
+        assert "theirs-deployment" not in page.text
+
+
+def test_only_owners_and_admins_of_the_org_see_deployment_health(
+    gateway: GatewayServer, org
+) -> None:
+    other = OrganizationFactory(name="Elsewhere")
+    outsider = session_for(Membership.Role.OWNER, other)
+    finance = session_for(Membership.Role.FINANCE, org)
+    url = f"{gateway.base_url}/api/v1/deployments/health/?org={org.slug}"
+    assert httpx.get(url, cookies=outsider).status_code == 404
+    assert httpx.get(url, cookies=finance).status_code == 403
+    assert httpx.get(url).status_code == 403, "not signed in"
+    page = f"{gateway.base_url}/dashboard/health/?org={org.slug}"
+    assert httpx.get(page, cookies=finance).status_code == 403
