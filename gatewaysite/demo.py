@@ -140,7 +140,9 @@ def _synthesize_history(org: Organization, *, now: datetime) -> None:
     """A week of plausible traffic, with ids fixed per day so re-runs add nothing."""
     rates_by_model = {}
     for rates in price_rates_all():
-        rates_by_model.setdefault(rates.model, []).append(rates)
+        # Catalog list prices for real providers share these model names.
+        if rates.provider_kind == Provider.Kind.MOCK:
+            rates_by_model.setdefault(rates.model, []).append(rates)
     deployments = {d.upstream_model: d for d in Deployment.objects.filter(provider__org=None)}
     routes = {r.model_name: r.pk for r in Route.objects.filter(org=None)}
     keys = list(VirtualKey.objects.filter(org=org).order_by("pk"))

@@ -76,7 +76,9 @@ def test_run_process_refuses_an_unknown_process() -> None:
 
 
 @pytest.mark.skipif(not settings.REDIS_URL, reason="the production-like stack needs Redis")
-@pytest.mark.django_db  # makes pytest-django create the test database the stack runs on
+# Makes pytest-django create the test database the stack runs on, and flush what the
+# stack's release step (migrate, import_prices) committed there afterwards.
+@pytest.mark.django_db(transaction=True)
 def test_local_stack_serves_the_dashboard_and_proxy_with_a_celery_worker(tmp_path: Path) -> None:
     port = free_port()
     env = {
