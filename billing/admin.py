@@ -3,7 +3,27 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from billing.models import ModelPrice, UsageEvent
+from billing.models import (
+    ModelPrice,
+    ReconciliationRun,
+    RollupState,
+    UsageEvent,
+    UsageRollup,
+    UsageTagRollup,
+)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the system computes: listed and inspected, never edited by hand."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(ModelPrice)
@@ -22,10 +42,10 @@ class UsageEventAdmin(admin.ModelAdmin):
 
     list_display = [
         "started_at", "org", "key", "model", "deployment_name", "status_code", "outcome",
-        "input_tokens", "output_tokens", "cost_nanos", "latency_ms", "is_stream",
+        "input_tokens", "output_tokens", "cost_nanos", "latency_ms", "is_stream", "end_user",
     ]  # fmt: skip
     list_filter = ["org", "outcome", "is_stream", "endpoint"]
-    search_fields = ["id", "model"]
+    search_fields = ["id", "model", "end_user"]
     date_hierarchy = "started_at"
     list_select_related = ["org", "key"]
 
@@ -37,3 +57,49 @@ class UsageEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(ReadOnlyAdmin):
+    list_display = [
+        "bucket_start", "granularity", "org", "model", "provider_kind", "deployment_name",
+        "endpoint", "team_id", "key_id", "requests", "successes", "input_tokens",
+        "output_tokens", "cost_nanos", "computed_at",
+    ]  # fmt: skip
+    list_filter = ["granularity", "org", "provider_kind", "endpoint"]
+    search_fields = ["model", "deployment_name"]
+    date_hierarchy = "bucket_start"
+    list_select_related = ["org"]
+
+
+@admin.register(UsageTagRollup)
+class UsageTagRollupAdmin(ReadOnlyAdmin):
+    list_display = [
+        "bucket_start", "granularity", "org", "tag", "model", "provider_kind", "requests",
+        "successes", "input_tokens", "output_tokens", "cost_nanos", "computed_at",
+    ]  # fmt: skip
+    list_filter = ["granularity", "org", "provider_kind"]
+    search_fields = ["tag", "model"]
+    date_hierarchy = "bucket_start"
+    list_select_related = ["org"]
+
+
+@admin.register(ReconciliationRun)
+class ReconciliationRunAdmin(ReadOnlyAdmin):
+    """Rollup-versus-ledger checks; anything but "clean" is an alert to look into."""
+
+    list_display = [
+        "started_at", "status", "trigger", "period_start", "period_end", "days_checked",
+        "mismatch_count",
+    ]  # fmt: skip
+    list_filter = ["status", "trigger"]
+    date_hierarchy = "started_at"
+
+    @admin.display(description="mismatches")
+    def mismatch_count(self, run: ReconciliationRun) -> int:
+        return len(run.mismatches)
+
+
+@admin.register(RollupState)
+class RollupStateAdmin(ReadOnlyAdmin):
+    list_display = ["ingested_through", "pruned_before", "updated_at"]

@@ -69,3 +69,6 @@ class UsageRecord:
     is_stream: bool = False
     latency_ms: int | None = None
     ttft_ms: int | None = None
+    # Attribution the client sent: validated tags, in order, and its own end-user id.
+    tags: tuple[str, ...] = ()
+    end_user: str = ""

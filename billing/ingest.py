@@ -57,6 +57,8 @@ def _event_from(record: UsageRecord) -> UsageEvent:
         is_stream=record.is_stream,
         latency_ms=record.latency_ms,
         ttft_ms=record.ttft_ms,
+        tags=list(record.tags),
+        end_user=record.end_user,
         started_at=record.started_at,
         finished_at=record.finished_at,
     )

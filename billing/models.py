@@ -3,7 +3,8 @@
 import uuid
 
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 
 
 class ModelPrice(models.Model):
@@ -114,6 +115,10 @@ class UsageEvent(models.Model):
     is_stream = models.BooleanField(default=False)
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    # Attribution from the request: tags (x-tollgate-tags, validated, in order)
+    # and the client's own end-user id (`user`, metadata.user_id or x-tollgate-user).
+    tags = models.JSONField(default=list, blank=True)
+    end_user = models.CharField(max_length=256, blank=True)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
     ingested_at = models.DateTimeField(auto_now_add=True)
@@ -124,6 +129,19 @@ class UsageEvent(models.Model):
             models.Index(fields=["org", "started_at"], name="usage_org_started"),
             models.Index(fields=["key", "started_at"], name="usage_key_started"),
             models.Index(fields=["team", "started_at"], name="usage_team_started"),
+            # Rollup buckets and retention scan by time across orgs; the rollup
+            # task finds newly ingested events by ingested_at.
+            models.Index(fields=["started_at"], name="usage_started"),
+            models.Index(fields=["ingested_at"], name="usage_ingested"),
+            # End-user reports read events (see billing/selectors.py); most
+            # requests carry no end user, so the index skips them. Tags get no
+            # GIN index: reports read them from UsageTagRollup, and a GIN index
+            # would tax every ingested batch.
+            models.Index(
+                fields=["org", "end_user", "started_at"],
+                condition=~Q(end_user=""),
+                name="usage_org_end_user",
+            ),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(cost_nanos__gte=0), name="usage_cost_not_negative")
@@ -131,3 +149,160 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint} {self.model} {self.status_code} ({self.id})"
+
+
+class RollupMeasures(models.Model):
+    """What a rollup row counts for its bucket; summing rows is exact.
+
+    Latency and time to first token are kept as counts per fixed log-spaced
+    bucket (`billing.rollups.HISTOGRAM_EDGES_MS`), so rows can be merged and
+    percentiles read from the sum.
+    """
+
+    class Granularity(models.TextChoices):
+        HOUR = "hour", "Hour"
+        DAY = "day", "Day (UTC)"
+
+    granularity = models.CharField(max_length=4, choices=Granularity.choices)
+    bucket_start = models.DateTimeField(help_text="UTC start of the hour or day.")
+    org = models.ForeignKey("tenants.Organization", on_delete=models.PROTECT, related_name="+")
+    model = models.CharField(max_length=200, blank=True)
+    provider_kind = models.CharField(max_length=32, blank=True)
+    requests = models.PositiveBigIntegerField(default=0)
+    successes = models.PositiveBigIntegerField(default=0)
+    client_errors = models.PositiveBigIntegerField(default=0)
+    upstream_errors = models.PositiveBigIntegerField(default=0)
+    blocked = models.PositiveBigIntegerField(default=0)
+    # Failed requests by error class ("unknown" when none was recorded).
+    errors_by_class = models.JSONField(default=dict, blank=True)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    cached_input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    reasoning_tokens = models.PositiveBigIntegerField(default=0)
+    cost_nanos = models.BigIntegerField(default=0)
+    unpriced_requests = models.PositiveBigIntegerField(default=0)
+    cache_hits = models.PositiveBigIntegerField(default=0)
+    latency_count = models.PositiveBigIntegerField(default=0)
+    latency_sum_ms = models.PositiveBigIntegerField(default=0)
+    latency_histogram = models.JSONField(default=list, blank=True)
+    ttft_count = models.PositiveBigIntegerField(default=0)
+    ttft_sum_ms = models.PositiveBigIntegerField(default=0)
+    ttft_histogram = models.JSONField(default=list, blank=True)
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        abstract = True
+
+    @property
+    def errors(self) -> int:
+        return self.requests - self.successes
+
+
+class UsageRollup(RollupMeasures):
+    """Usage per bucket, org, team, key, model, provider, deployment and endpoint.
+
+    Rebuilt from raw events, never edited: summing rows gives the ledger's totals.
+    """
+
+    # Ids, not foreign keys: rollups outlive the raw events and any key or team.
+    team_id = models.BigIntegerField(null=True, blank=True)
+    key_id = models.BigIntegerField(null=True, blank=True)
+    deployment_id = models.BigIntegerField(null=True, blank=True)
+    deployment_name = models.CharField(max_length=200, blank=True)
+    endpoint = models.CharField(max_length=32)
+
+    class Meta:
+        ordering = ["-bucket_start"]
+        indexes = [
+            models.Index(fields=["org", "granularity", "bucket_start"], name="rollup_org_bucket"),
+            models.Index(fields=["granularity", "bucket_start"], name="rollup_bucket"),
+        ]
+        constraints = [
+            # A safety net: rebuilding a bucket twice must never double it.
+            models.UniqueConstraint(
+                F("granularity"), F("bucket_start"), F("org"),
+                Coalesce("team_id", Value(0)), Coalesce("key_id", Value(0)),
+                Coalesce("deployment_id", Value(0)), F("deployment_name"),
+                F("model"), F("provider_kind"), F("endpoint"),
+                name="rollup_unique_group",
+            ),
+            models.CheckConstraint(condition=Q(cost_nanos__gte=0), name="rollup_cost_not_negative"),
+        ]  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket_start:%Y-%m-%d %H:%M} {self.model}"
+
+
+class UsageTagRollup(RollupMeasures):
+    """Usage per bucket, org, tag, model and provider.
+
+    A request with two tags counts once under each, so these rows must never be
+    added to totals: use UsageRollup for those.
+    """
+
+    tag = models.CharField(max_length=64)
+
+    class Meta:
+        ordering = ["-bucket_start"]
+        indexes = [
+            models.Index(
+                fields=["org", "granularity", "bucket_start"], name="tag_rollup_org_bucket"
+            ),
+            models.Index(fields=["granularity", "bucket_start"], name="tag_rollup_bucket"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["granularity", "bucket_start", "org", "tag", "model", "provider_kind"],
+                name="tag_rollup_unique_group",
+            ),
+            models.CheckConstraint(
+                condition=Q(cost_nanos__gte=0), name="tag_rollup_cost_not_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket_start:%Y-%m-%d %H:%M} #{self.tag}"
+
+
+class RollupState(models.Model):
+    """The rollup task's progress: one row, locked while buckets are rebuilt."""
+
+    # Every event ingested before this (less a margin for slow commits) is in the rollups.
+    ingested_through = models.DateTimeField(null=True, blank=True)
+    # Raw events before this were pruned: their buckets are never rebuilt again.
+    pruned_before = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"rolled up through {self.ingested_through}, pruned before {self.pruned_before}"
+
+
+class ReconciliationRun(models.Model):
+    """One check of rollups against raw events; a mismatch is an alert."""
+
+    class Status(models.TextChoices):
+        CLEAN = "clean", "Clean"
+        REPAIRED = "repaired", "Mismatch found and repaired"
+        FAILED = "failed", "Mismatch not repaired"
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Daily schedule"
+        RETENTION = "retention", "Before pruning raw events"
+        MANUAL = "manual", "Manual"
+
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    days_checked = models.PositiveIntegerField(default=0)
+    # One entry per org, day and figure that differed: the two values side by side.
+    mismatches = models.JSONField(default=list, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["status", "started_at"], name="reconciliation_status")]
+
+    def __str__(self) -> str:
+        return f"{self.period_start:%Y-%m-%d}..{self.period_end:%Y-%m-%d}: {self.status}"

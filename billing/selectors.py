@@ -1,12 +1,22 @@
-"""Reads for billing: prices for the proxy snapshot, usage for screens."""
+"""Reads for billing: prices for the proxy snapshot, usage for screens and reports."""
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 
 from billing.contracts import PriceRates
-from billing.models import ModelPrice, UsageEvent
+from billing.models import ModelPrice, RollupMeasures, UsageEvent, UsageRollup, UsageTagRollup
+from billing.rollups import (
+    COUNTERS,
+    DAY,
+    Measures,
+    day_floor,
+    histogram_percentile,
+    hour_floor,
+)
+from tenants.models import Team, VirtualKey
 
 
 def price_rates_all() -> list[PriceRates]:
@@ -111,5 +121,202 @@ def recent_requests(*, org_id: int, limit: int = 25) -> list[RecentRequest]:
             latency_ms=row["latency_ms"],
             is_stream=row["is_stream"],
         )
+        for row in rows
+    ]
+
+
+# ---------------------------------------------------------------- rollups
+# Reports read the rollups (billing/rollups.py), never the raw events, except by
+# end user: that attribute is unbounded (one value per customer of a customer),
+# so rolling it up would copy most of the ledger and keep it forever. End-user
+# reports read the events, which is exact within TOLLGATE_USAGE_RETENTION_DAYS.
+
+Granularity = RollupMeasures.Granularity
+# Breakdown name -> rollup column.
+BREAKDOWNS = {
+    "team": "team_id",
+    "key": "key_id",
+    "model": "model",
+    "provider": "provider_kind",
+    "deployment": "deployment_id",
+    "endpoint": "endpoint",
+    "tag": "tag",
+}
+_PERCENTILES = (50, 95, 99)
+
+
+def _covering_rows(
+    model: type[RollupMeasures], *, org_id: int, since: datetime, until: datetime
+) -> QuerySet[Any]:
+    """The org's rollup rows covering [since, until) (hour-aligned): day rows for
+    whole UTC days inside it, hour rows for the partial days at its edges."""
+    since, until = hour_floor(since), hour_floor(until)
+    rows = model._default_manager.filter(org_id=org_id)
+    first_day, end_day = day_floor(since), day_floor(until)
+    if first_day != since:
+        first_day += DAY
+    if first_day >= end_day:
+        return rows.filter(
+            granularity=Granularity.HOUR, bucket_start__gte=since, bucket_start__lt=until
+        )
+    return rows.filter(
+        Q(granularity=Granularity.DAY, bucket_start__gte=first_day, bucket_start__lt=end_day)
+        | Q(granularity=Granularity.HOUR, bucket_start__gte=since, bucket_start__lt=first_day)
+        | Q(granularity=Granularity.HOUR, bucket_start__gte=end_day, bucket_start__lt=until)
+    )
+
+
+_MEASURE_COLUMNS = (*COUNTERS, "errors_by_class", "latency_histogram", "ttft_histogram")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    """Usage of one group (or one time bucket): sums, errors by class, percentiles."""
+
+    key: object  # the group's id or value (a bucket's start in a series); None for "none"
+    label: str
+    requests: int
+    errors: int
+    errors_by_class: dict[str, int]
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_nanos: int
+    unpriced_requests: int
+    cache_hits: int
+    latency_mean_ms: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    ttft_p99_ms: float | None
+
+    @classmethod
+    def of(cls, key: object, label: str, measures: Measures) -> "UsageSummary":
+        counters = measures.counters
+        latency = [histogram_percentile(measures.latency_histogram, p) for p in _PERCENTILES]
+        ttft = [histogram_percentile(measures.ttft_histogram, p) for p in _PERCENTILES]
+        return cls(
+            key=key, label=label, requests=counters["requests"],
+            errors=counters["requests"] - counters["successes"],
+            errors_by_class=dict(sorted(measures.errors_by_class.items())),
+            input_tokens=counters["input_tokens"],
+            cached_input_tokens=counters["cached_input_tokens"],
+            output_tokens=counters["output_tokens"],
+            reasoning_tokens=counters["reasoning_tokens"], cost_nanos=counters["cost_nanos"],
+            unpriced_requests=counters["unpriced_requests"], cache_hits=counters["cache_hits"],
+            latency_mean_ms=(
+                counters["latency_sum_ms"] / counters["latency_count"]
+                if counters["latency_count"] else None
+            ),
+            latency_p50_ms=latency[0], latency_p95_ms=latency[1], latency_p99_ms=latency[2],
+            ttft_p50_ms=ttft[0], ttft_p95_ms=ttft[1], ttft_p99_ms=ttft[2],
+        )  # fmt: skip
+
+
+def _labels(by: str, keys: set[object], rows: dict[object, str]) -> dict[object, str]:
+    """Display names: team and key names from tenants, deployment names from the rows."""
+    if by == "team":
+        names = dict(Team.objects.filter(pk__in=keys).values_list("pk", "name"))
+        return {key: names.get(key, f"team #{key}") for key in keys if key is not None}
+    if by == "key":
+        found = VirtualKey.objects.filter(pk__in=keys).values_list("pk", "name", "prefix")
+        names = {pk: f"{name} ({prefix})" for pk, name, prefix in found}
+        return {key: names.get(key, f"key #{key}") for key in keys if key is not None}
+    if by == "deployment":
+        return rows
+    return {key: str(key) for key in keys if key not in (None, "")}
+
+
+def usage_breakdown(
+    *, org_id: int, since: datetime, until: datetime, by: str | None = None
+) -> list[UsageSummary]:
+    """Usage in [since, until) (rounded down to hours) per `by` (see BREAKDOWNS), costliest
+    first; with `by=None`, one summary of everything.
+
+    By tag, a request with two tags counts under both: those groups overlap and
+    must not be added up.
+    """
+    if by is not None and by not in BREAKDOWNS:
+        raise ValueError(f"Unknown breakdown {by!r}; use one of {', '.join(BREAKDOWNS)}.")
+    model: type[RollupMeasures] = UsageTagRollup if by == "tag" else UsageRollup
+    column = BREAKDOWNS[by] if by else None
+    extra = ("deployment_name",) if by == "deployment" else ()
+    rows = _covering_rows(model, org_id=org_id, since=since, until=until)
+    groups: dict[object, Measures] = {}
+    deployment_names: dict[object, str] = {}
+    for row in rows.values(*([column] if column else []), *extra, *_MEASURE_COLUMNS):
+        key = row[column] if column else None
+        groups.setdefault(key, Measures()).add(Measures.of(row))
+        if extra and row["deployment_name"]:
+            deployment_names[key] = row["deployment_name"]
+    if by is None:
+        return [UsageSummary.of(None, "all", groups.get(None, Measures()))]
+    labels = _labels(by, set(groups), deployment_names)
+    summaries = [
+        UsageSummary.of(key, labels.get(key, "(none)"), measures)
+        for key, measures in groups.items()
+    ]
+    return sorted(summaries, key=lambda s: (-s.cost_nanos, -s.requests, s.label))
+
+
+def usage_series(
+    *, org_id: int, since: datetime, until: datetime, granularity: str = Granularity.HOUR,
+    model: str | None = None,
+) -> list[UsageSummary]:  # fmt: skip
+    """Usage per hour or UTC day in [since, until), oldest first; buckets without
+    requests are left out. `model` narrows it to one public model name."""
+    floor = day_floor if granularity == Granularity.DAY else hour_floor
+    rows = UsageRollup.objects.filter(
+        org_id=org_id, granularity=granularity,
+        bucket_start__gte=floor(since), bucket_start__lt=until,
+    )  # fmt: skip
+    if model is not None:
+        rows = rows.filter(model=model)
+    buckets: dict[datetime, Measures] = {}
+    for row in rows.values("bucket_start", *_MEASURE_COLUMNS):
+        buckets.setdefault(row["bucket_start"], Measures()).add(Measures.of(row))
+    return [UsageSummary.of(start, start.isoformat(), buckets[start]) for start in sorted(buckets)]
+
+
+@dataclass(frozen=True, slots=True)
+class EndUserUsage:
+    end_user: str
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_nanos: int
+
+
+def usage_by_end_user(
+    *, org_id: int, since: datetime, until: datetime, limit: int = 100
+) -> list[EndUserUsage]:
+    """Usage per end user in [since, until), costliest first, from the raw events
+    (so only within the retention period); requests without an end user are left out."""
+    rows = (
+        UsageEvent.objects.filter(org_id=org_id, started_at__gte=since, started_at__lt=until)
+        .exclude(end_user="")
+        .values("end_user")
+        .annotate(
+            requests=Count("id"),
+            errors=Count("id", filter=~Q(outcome=UsageEvent.Outcome.SUCCESS)),
+            input_tokens=Sum("input_tokens"),
+            output_tokens=Sum("output_tokens"),
+            cost_nanos=Sum("cost_nanos"),
+        )
+        .order_by("-cost_nanos", "-requests", "end_user")[:limit]
+    )
+    return [
+        EndUserUsage(
+            end_user=row["end_user"],
+            requests=row["requests"],
+            errors=row["errors"],
+            input_tokens=int(row["input_tokens"] or 0),
+            output_tokens=int(row["output_tokens"] or 0),
+            cost_nanos=int(row["cost_nanos"] or 0),
+        )  # fmt: skip
         for row in rows
     ]

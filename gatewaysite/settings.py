@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from gatewaysite.env import env_bool, env_float, env_int, env_list, env_str
@@ -200,7 +201,41 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
+# With Redis, the proxy appends usage events to this stream; a drain task,
+# started by beat every TOLLGATE_USAGE_DRAIN_SECONDS and reading for as long,
+# writes them to the ledger. Entries a crashed worker held unacknowledged are
+# taken over once idle for TOLLGATE_USAGE_CLAIM_IDLE_SECONDS (longer than any
+# batch write).
+TOLLGATE_USAGE_STREAM = env_str("TOLLGATE_USAGE_STREAM", "tollgate:usage")
+TOLLGATE_USAGE_DRAIN_SECONDS = env_float("TOLLGATE_USAGE_DRAIN_SECONDS", 2.0, minimum=0.1)
+TOLLGATE_USAGE_CLAIM_IDLE_SECONDS = env_float(
+    "TOLLGATE_USAGE_CLAIM_IDLE_SECONDS", 60.0, minimum=0.1
+)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+if REDIS_URL:
+    CELERY_BEAT_SCHEDULE["drain-usage-events"] = {
+        "task": "billing.tasks.drain_usage_events",
+        "schedule": TOLLGATE_USAGE_DRAIN_SECONDS,
+        # Runs queued while no worker was up are dropped, not replayed in a burst.
+        "options": {"expires": TOLLGATE_USAGE_DRAIN_SECONDS * 5},
+    }
+
+# Rollups (billing/rollup_tasks.py): rebuild buckets with new events every
+# minute, check them against the raw events daily, prune old raw events daily.
+CELERY_IMPORTS = ["billing.rollup_tasks"]
+CELERY_BEAT_SCHEDULE["rollups-refresh"] = {
+    "task": "billing.rollups_refresh",
+    "schedule": 60.0,
+    "options": {"expires": 55.0},
+}
+CELERY_BEAT_SCHEDULE["rollups-reconcile"] = {
+    "task": "billing.rollups_reconcile",
+    "schedule": crontab(hour="0", minute="30"),
+}
+CELERY_BEAT_SCHEDULE["usage-events-prune"] = {
+    "task": "billing.usage_events_prune",
+    "schedule": crontab(hour="1", minute="15"),
+}
 
 # ---------------------------------------------------------------- Channels
 
@@ -229,6 +264,8 @@ TOLLGATE_BREAKER_FAILURES = env_int("TOLLGATE_BREAKER_FAILURES", 5, minimum=1)
 TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(
     "TOLLGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0.1
 )
+# Raw usage events older than this are deleted (rollups are kept forever).
+TOLLGATE_USAGE_RETENTION_DAYS = env_int("TOLLGATE_USAGE_RETENTION_DAYS", 400, minimum=1)
 # How fast least-latency routing forgets old measurements.
 TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
     "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1

@@ -19,6 +19,7 @@ from tests.factories import OrganizationFactory, TeamFactory
 from tests.support.gateway import (
     GatewayServer,
     gateway_server,
+    usage_ingestion,
     wait_for_key,
     wait_for_usage_writes_to_settle,
 )
@@ -36,8 +37,9 @@ def mock_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def gateway(django_db_setup: None, mock_url: str) -> Iterator[GatewayServer]:
-    """A real Tollgate server (uvicorn) on the test database, for the whole session."""
-    with gateway_server() as server:
+    """A real Tollgate server (uvicorn) on the test database, for the whole session,
+    with the Celery worker that ingests its usage when there is Redis."""
+    with gateway_server() as server, usage_ingestion():
         yield server
 
 

@@ -27,6 +27,8 @@ from routing.proxy.runtime import ProxyRuntime
 from routing.proxy.steps import (
     apply_param_policy,
     authenticate,
+    end_user_of,
+    parse_attribution,
     parse_chat_request,
     parse_embeddings_request,
     parse_messages_request,
@@ -54,6 +56,11 @@ def _authenticated(
         sink=runtime.usage,
         health=runtime.health,
     )
+    try:
+        meter.tags, meter.end_user = parse_attribution(request)
+    except GatewayError as exc:
+        meter.record_failure(exc)  # a rejected request is still metered, once
+        raise
     return snapshot, key, meter
 
 
@@ -194,6 +201,7 @@ async def _shadow_call(
         sink=runtime.usage, health=runtime.health,
     )  # fmt: skip
     meter.model, meter.route = chat.model, plan
+    meter.tags, meter.end_user = primary.tags, primary.end_user
     meter.serving(shadow)
     # Always a complete answer: nobody reads a shadow stream.
     payload = {k: v for k, v in chat.payload.items() if k not in ("stream", "stream_options")}
@@ -225,6 +233,7 @@ async def chat_completions(
     try:
         chat = parse_chat_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
+        meter.end_user = end_user_of(chat.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, chat.model)
         cache = await _cache_lookup(request, runtime, key, meter, chat)
         if (hit := cache.hit) is not None:
@@ -296,6 +305,7 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
     try:
         chat = parse_messages_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
+        meter.end_user = end_user_of(chat.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, chat.model)
         cache = await _cache_lookup(request, runtime, key, meter, chat)
         if (hit := cache.hit) is not None:
@@ -353,6 +363,7 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
     try:
         embedding_request = parse_embeddings_request(request.body)
         meter.model = embedding_request.model
+        meter.end_user = end_user_of(embedding_request.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, embedding_request.model)
 
         async def attempt(deployment: DeploymentSpec, adapter: ProviderAdapter) -> UpstreamReply:

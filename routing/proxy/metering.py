@@ -55,6 +55,8 @@ class Meter:
         self.priced_as: tuple[str, str] | None = None
         self.ttft_ms: int | None = None
         self.last_usage = TokenUsage()  # what the recorded event was billed for
+        self.tags: tuple[str, ...] = ()  # attribution the client sent (steps.parse_attribution)
+        self.end_user = ""
 
     def serving(self, deployment: DeploymentSpec) -> None:
         """An upstream attempt begins on `deployment`."""
@@ -133,5 +135,7 @@ class Meter:
                 is_stream=self.is_stream,
                 latency_ms=self._request.elapsed_ms(),
                 ttft_ms=self.ttft_ms,
+                tags=self.tags,
+                end_user=self.end_user,
             )
         )

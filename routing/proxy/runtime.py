@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from billing.ingest import UsageBuffer
+from billing.stream import UsageStreamProducer
 from routing.cache import InProcessCache, RedisResponseCache, ResponseCache
 from routing.health import BreakerPolicy, DeploymentHealth
 from routing.health_board import post_local, post_shared
@@ -63,11 +64,16 @@ class ProxyRuntime:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self.usage = UsageBuffer(
-            run_sync=self.run_in_database_thread,
-            flush_interval_s=settings.TOLLGATE_USAGE_FLUSH_SECONDS,
-            batch_size=settings.TOLLGATE_USAGE_BATCH_SIZE,
-        )
+        self.usage: UsageBuffer | UsageStreamProducer
+        if settings.REDIS_URL:
+            # To the Redis Stream that Celery drains; spooled to disk while Redis is away.
+            self.usage = UsageStreamProducer.from_settings()
+        else:
+            self.usage = UsageBuffer(
+                run_sync=self.run_in_database_thread,
+                flush_interval_s=settings.TOLLGATE_USAGE_FLUSH_SECONDS,
+                batch_size=settings.TOLLGATE_USAGE_BATCH_SIZE,
+            )
 
     async def run_in_database_thread(self, function: Callable[[], T]) -> T:
         """Run ORM code off the event loop, in the runtime's database thread."""
@@ -121,6 +127,8 @@ class ProxyRuntime:
             await asyncio.sleep(0.5)
         if self.usage.pending:
             logger.error("Shutting down with %d usage events unwritten", self.usage.pending)
+        if isinstance(self.usage, UsageStreamProducer):
+            await self.usage.aclose()
         if self._session is not None:
             await self._session.close()
         if self._redis is not None:

@@ -2,7 +2,8 @@
 and raise a GatewayError on failure. None of them does I/O."""
 
 import math
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -22,6 +23,14 @@ from tenants.keys import key_matches, key_prefix
 
 _MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _MAX_MODEL_NAME = 256
+TAGS_HEADER = "x-tollgate-tags"
+END_USER_HEADER = "x-tollgate-user"
+MAX_TAGS = 10
+MAX_END_USER_LENGTH = 256
+# 1-64 characters; ':' allows key:value tags such as feature:search.
+_TAG = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+# Printable text: the end user id is shown in reports and exported to CSV.
+_END_USER = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_END_USER_LENGTH}}}")
 
 
 def presented_key(request: ProxyRequest) -> str | None:
@@ -47,6 +56,71 @@ def authenticate(request: ProxyRequest, snapshot: ConfigSnapshot) -> KeyContext:
     if key.is_expired(request.started_at):
         raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
     return key
+
+
+class Attribution(NamedTuple):
+    tags: tuple[str, ...]
+    end_user: str
+
+
+def parse_attribution(request: ProxyRequest) -> Attribution:
+    """Tags (`x-tollgate-tags`, comma-separated) and end user (`x-tollgate-user`) from
+    the headers, deduplicated in order; 400 naming the header if either is malformed."""
+    tags: dict[str, None] = {}
+    raw_tags = request.headers.get(TAGS_HEADER, "")
+    for raw in raw_tags.split(",") if raw_tags.strip() else ():
+        tag = raw.strip()
+        if not _TAG.fullmatch(tag):
+            shown = tag if len(tag) <= 80 else tag[:80] + "…"
+            raise InvalidRequest(
+                f"Invalid tag {shown!r} in the {TAGS_HEADER} header: each tag must be 1 to 64 "
+                "characters of letters, digits and _ . : / -, tags separated by commas.",
+                param=TAGS_HEADER,
+                code="invalid_tags",
+            )
+        tags[tag] = None
+    if len(tags) > MAX_TAGS:
+        raise InvalidRequest(
+            f"Too many tags in the {TAGS_HEADER} header: {len(tags)} given, at most "
+            f"{MAX_TAGS} allowed.",
+            param=TAGS_HEADER,
+            code="invalid_tags",
+        )
+    end_user = _header_text(request.headers.get(END_USER_HEADER, "")).strip()
+    if end_user:
+        _check_end_user(end_user, END_USER_HEADER, f"the {END_USER_HEADER} header")
+    return Attribution(tags=tuple(tags), end_user=end_user)
+
+
+def _header_text(value: str) -> str:
+    """A header read as Latin-1 (as ASGI gives it), as the UTF-8 text clients send."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def _check_end_user(value: str, param: str, where: str) -> None:
+    if not _END_USER.fullmatch(value):
+        raise InvalidRequest(
+            f"The end user id in {where} must be 1 to {MAX_END_USER_LENGTH} printable characters.",
+            param=param,
+            code="invalid_user",
+        )
+
+
+def end_user_of(payload: dict[str, Any], header_end_user: str) -> str:
+    """The request's end user: the body's `user` field (Anthropic: metadata.user_id)
+    if it has one, else the `x-tollgate-user` header's. Parsing checked the field."""
+    user = payload.get("user")
+    return user if isinstance(user, str) and user else header_end_user
+
+
+def _check_user_field(data: dict[str, Any], param: str = "user") -> None:
+    user = data.get("user")
+    _check_optional(data, "user", isinstance(user, str), "a string")
+    if isinstance(user, str) and user:
+        _check_end_user(user, param, f"'{param}'")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -140,7 +214,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         data, "tool_choice", isinstance(get("tool_choice"), str | dict), "a string or an object"
     )
     _check_optional(data, "response_format", isinstance(get("response_format"), dict), "an object")
-    _check_optional(data, "user", isinstance(get("user"), str), "a string")
+    _check_user_field(data)
     stream = bool(get("stream"))
     options = get("stream_options") or {}
     include_usage = options.get("include_usage")
@@ -157,6 +231,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 def parse_messages_request(body: bytes) -> ChatRequest:
     """An Anthropic Messages request, as the OpenAI chat request the pipeline serves."""
     payload = chat_payload_from_messages(_json_object(body))
+    _check_user_field(payload, "metadata.user_id")
     return ChatRequest(
         model=payload["model"],
         payload=payload,
@@ -220,7 +295,7 @@ def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
     _check_optional(
         data, "dimensions", _is_int(dimensions) and dimensions >= 1, "a positive integer"
     )
-    _check_optional(data, "user", isinstance(data.get("user"), str), "a string")
+    _check_user_field(data)
     return EmbeddingsRequest(model=model, payload=data)
 
 

@@ -32,8 +32,12 @@ def test_every_model_has_working_admin_pages(admin_client_logged_in: Client) -> 
         changelist = reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist")
         assert admin_client_logged_in.get(changelist).status_code == 200, opts.label
         add = reverse(f"admin:{opts.app_label}_{opts.model_name}_add")
-        # Append-only models (ledger, audit log) refuse "add" on purpose.
-        expected = 403 if opts.label in {"billing.UsageEvent", "tenants.AuditLog"} else 200
+        # Append-only and computed models (ledger, audit log, rollups) refuse "add" on purpose.
+        read_only = {
+            "billing.UsageEvent", "tenants.AuditLog", "billing.UsageRollup",
+            "billing.UsageTagRollup", "billing.ReconciliationRun", "billing.RollupState",
+        }  # fmt: skip
+        expected = 403 if opts.label in read_only else 200
         assert admin_client_logged_in.get(add).status_code == expected, opts.label
 
 

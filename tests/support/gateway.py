@@ -1,7 +1,9 @@
 """A real Tollgate server for end-to-end tests, plus helpers to wait on it."""
 
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,9 +12,11 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import redis
+from django.conf import settings
 from django.db import connection
 
-from tests.support.processes import REPO_ROOT, free_port, running_process
+from tests.support.processes import REPO_ROOT, free_port, running_process, stop_group
 
 T = TypeVar("T")
 
@@ -75,6 +79,57 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
         yield GatewayServer(base_url=base_url)
 
 
+@contextmanager
+def celery_process(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `celery -A gatewaysite ARGS` in its own process group for the block.
+
+    Celery serves no URL to wait on: callers wait for what the process does.
+    """
+    with tempfile.TemporaryFile(prefix="tollgate-celery-") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "gatewaysite", *args],
+            env={"PYTHONUNBUFFERED": "1", **env},
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            stop_group(process)
+
+
+@contextmanager
+def usage_ingestion() -> Iterator[None]:
+    """With Redis, a real Celery worker and beat drain the usage stream into the test
+    database, as in production; without it the gateway writes usage itself."""
+    from billing.stream import USAGE_GROUP
+
+    if not settings.REDIS_URL:
+        yield
+        return
+    stream = settings.TOLLGATE_USAGE_STREAM
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(stream)  # entries of an earlier session point at rows that are gone
+    env = {**os.environ, **database_env(), "TOLLGATE_USAGE_DRAIN_SECONDS": "1"}
+    with tempfile.TemporaryDirectory(prefix="tollgate-beat-") as beat_dir:
+        worker_args = ["worker", "--beat", "--schedule", f"{beat_dir}/schedule",
+                       "--concurrency", "1", "--loglevel", "WARNING"]  # fmt: skip
+        with celery_process(*worker_args, env=env):
+
+            def draining() -> bool:
+                try:
+                    return bool(client.xinfo_consumers(stream, USAGE_GROUP))
+                except redis.ResponseError:
+                    return False  # no stream or group yet
+
+            wait_until(draining, timeout_s=60, what="the Celery worker to drain usage")
+            yield
+    client.close()
+
+
 def wait_until(check: Callable[[], T], *, timeout_s: float = 10.0, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -120,15 +175,21 @@ def wait_for_events(queryset: Any, count: int) -> list[Any]:
 
 
 def wait_for_usage_writes_to_settle(*, quiet_s: float = 0.25, timeout_s: float = 10.0) -> None:
-    """Wait until no usage event has arrived for `quiet_s` (several flush intervals)."""
+    """Wait until no usage event has arrived for `quiet_s` (several flush intervals)
+    and, with Redis, the usage stream has been drained."""
     from billing.models import UsageEvent
 
+    client = redis.Redis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
     deadline = time.monotonic() + timeout_s
     last_count, last_change = -1, time.monotonic()
     while time.monotonic() < deadline:
         count = UsageEvent.objects.count()
         if count != last_count:
             last_count, last_change = count, time.monotonic()
-        elif time.monotonic() - last_change >= quiet_s:
-            return
+        elif time.monotonic() - last_change >= quiet_s and (
+            client is None or client.xlen(settings.TOLLGATE_USAGE_STREAM) == 0
+        ):
+            break
         time.sleep(0.05)
+    if client is not None:
+        client.close()

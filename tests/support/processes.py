@@ -60,7 +60,7 @@ def _wait_ready(
             time.sleep(_POLL_INTERVAL_S)
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes]) -> None:
     """Stop the process group: SIGTERM, then SIGKILL after a grace period."""
     # The process leads its own group, so its pid is the group id even after it exits.
     with contextlib.suppress(ProcessLookupError):
@@ -101,7 +101,7 @@ def running_process(
             _wait_ready(process, ready_url, timeout_s, log)
             yield process
         finally:
-            _stop_group(process)
+            stop_group(process)
 
 
 def _flag(name: str, value: object) -> list[str]:
