@@ -7,6 +7,8 @@ from billing.models import (
     ModelPrice,
     ReconciliationRun,
     RollupState,
+    Statement,
+    StatementLine,
     UsageEvent,
     UsageRollup,
     UsageTagRollup,
@@ -103,3 +105,26 @@ class ReconciliationRunAdmin(ReadOnlyAdmin):
 @admin.register(RollupState)
 class RollupStateAdmin(ReadOnlyAdmin):
     list_display = ["ingested_through", "pruned_before", "updated_at"]
+
+
+class StatementLineInline(admin.TabularInline):
+    model = StatementLine
+    can_delete = False
+    extra = 0
+    fields = [
+        "position", "kind", "usage_month", "team_name", "provider_kind", "model", "requests",
+        "input_tokens", "output_tokens", "unpriced_requests", "amount_nanos",
+    ]  # fmt: skip
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Statement)
+class StatementAdmin(ReadOnlyAdmin):
+    """Closed months: frozen, so never edited; corrections are adjustments on a later one."""
+
+    list_display = ["org", "month", "total_nanos", "closed_at"]
+    list_filter = ["org"]
+    inlines = [StatementLineInline]

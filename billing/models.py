@@ -119,6 +119,11 @@ class UsageEvent(models.Model):
     # and the client's own end-user id (`user`, metadata.user_id or x-tollgate-user).
     tags = models.JSONField(default=list, blank=True)
     end_user = models.CharField(max_length=256, blank=True)
+    # The monthly statement that billed this event, set once when its month closed
+    # (or, for a late event, when the next month closed). Null: not billed yet.
+    statement = models.ForeignKey(
+        "Statement", on_delete=models.PROTECT, null=True, blank=True, related_name="events"
+    )
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
     ingested_at = models.DateTimeField(auto_now_add=True)
@@ -306,3 +311,66 @@ class ReconciliationRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.period_start:%Y-%m-%d}..{self.period_end:%Y-%m-%d}: {self.status}"
+
+
+class Statement(models.Model):
+    """An organization's closed month: frozen lines, never edited (see billing/statements.py).
+
+    Late events of a closed month appear on a later statement as adjustment lines.
+    """
+
+    org = models.ForeignKey(
+        "tenants.Organization", on_delete=models.PROTECT, related_name="statements"
+    )
+    month = models.DateField(help_text="First day of the month, in the org's time zone.")
+    time_zone = models.CharField(max_length=64)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    # Every event linked to the statement was in the ledger by then.
+    closed_at = models.DateTimeField()
+    total_nanos = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-month"]
+        constraints = [
+            models.UniqueConstraint(fields=["org", "month"], name="statement_one_per_org_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.org} {self.month:%Y-%m}"
+
+
+class StatementLine(models.Model):
+    """One line of a statement: a team's usage of one model at one provider, for a month."""
+
+    class Kind(models.TextChoices):
+        USAGE = "usage", "Usage"
+        ADJUSTMENT = "adjustment", "Adjustment (late usage of an earlier month)"
+
+    statement = models.ForeignKey(Statement, on_delete=models.CASCADE, related_name="lines")
+    position = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    usage_month = models.DateField()
+    # The team's id and name as they were at closing: a statement never changes.
+    team_id = models.BigIntegerField(null=True, blank=True)
+    team_name = models.CharField(max_length=200, blank=True)
+    provider_kind = models.CharField(max_length=32, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    requests = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    cached_input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    reasoning_tokens = models.PositiveBigIntegerField(default=0)
+    unpriced_requests = models.PositiveBigIntegerField(default=0)
+    amount_nanos = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["statement", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["statement", "position"], name="statement_line_position_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.statement} #{self.position} {self.model}"

@@ -222,15 +222,22 @@ if REDIS_URL:
 
 # Rollups (billing/rollup_tasks.py): rebuild buckets with new events every
 # minute, check them against the raw events daily, prune old raw events daily.
-CELERY_IMPORTS = ["billing.rollup_tasks"]
+CELERY_IMPORTS = ["billing.rollup_tasks", "billing.statement_tasks"]
+TOLLGATE_ROLLUP_SECONDS = env_float("TOLLGATE_ROLLUP_SECONDS", 60.0, minimum=1.0)
 CELERY_BEAT_SCHEDULE["rollups-refresh"] = {
     "task": "billing.rollups_refresh",
-    "schedule": 60.0,
-    "options": {"expires": 55.0},
+    "schedule": TOLLGATE_ROLLUP_SECONDS,
+    "options": {"expires": TOLLGATE_ROLLUP_SECONDS * 0.9},
 }
 CELERY_BEAT_SCHEDULE["rollups-reconcile"] = {
     "task": "billing.rollups_reconcile",
     "schedule": crontab(hour="0", minute="30"),
+}
+# Months close TOLLGATE_STATEMENT_GRACE_HOURS after they end in each org's time
+# zone; checked hourly because orgs' months end at different instants.
+CELERY_BEAT_SCHEDULE["statements-close-due"] = {
+    "task": "billing.statements_close_due",
+    "schedule": crontab(minute="5"),
 }
 CELERY_BEAT_SCHEDULE["usage-events-prune"] = {
     "task": "billing.usage_events_prune",
@@ -266,6 +273,9 @@ TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(
 )
 # Raw usage events older than this are deleted (rollups are kept forever).
 TOLLGATE_USAGE_RETENTION_DAYS = env_int("TOLLGATE_USAGE_RETENTION_DAYS", 400, minimum=1)
+# A month's statement closes this long after the month ends (events still in flight);
+# later events of that month appear as adjustments on the next statement.
+TOLLGATE_STATEMENT_GRACE_HOURS = env_int("TOLLGATE_STATEMENT_GRACE_HOURS", 6, minimum=0)
 # How fast least-latency routing forgets old measurements.
 TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
     "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1

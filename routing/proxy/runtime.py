@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from billing.ingest import UsageBuffer
+from billing.schedule import EMBEDDED_JOBS
 from billing.stream import UsageStreamProducer
 from routing.cache import InProcessCache, RedisResponseCache, ResponseCache
 from routing.health import BreakerPolicy, DeploymentHealth
@@ -96,6 +97,9 @@ class ProxyRuntime:
             asyncio.create_task(self._follow_configuration(), name="tollgate-config"),
             asyncio.create_task(self.usage.run(), name="tollgate-usage"),
         ]
+        if not settings.REDIS_URL:
+            # No Celery beat in the embedded default: this process runs its jobs.
+            self._tasks.append(asyncio.create_task(self._run_jobs(), name="tollgate-jobs"))
         shared: SharedHealth | None = None
         if settings.REDIS_URL:
             self._redis = Redis.from_url(settings.REDIS_URL)
@@ -147,6 +151,22 @@ class ProxyRuntime:
             # The sync logs Redis outages; a missed post only ages the board.
             with contextlib.suppress(RedisError, OSError):
                 await post_shared(self._redis, self.health.statuses(time.monotonic()))
+
+    async def _run_jobs(self) -> None:
+        """Run billing's periodic jobs (rollups, statements, retention) as beat would."""
+        next_at = {job.name: time.monotonic() + job.every_s for job in EMBEDDED_JOBS}
+        next_at[EMBEDDED_JOBS[0].name] = time.monotonic()  # rollups for the dashboard at once
+        while True:
+            now = time.monotonic()
+            for job in EMBEDDED_JOBS:
+                if now < next_at[job.name]:
+                    continue
+                next_at[job.name] = now + job.every_s
+                try:
+                    await self.run_in_database_thread(job.run)
+                except Exception:
+                    logger.exception("Periodic job %r failed; it runs again later", job.name)
+            await asyncio.sleep(max(0.0, min(next_at.values()) - time.monotonic()))
 
     async def _follow_configuration(self) -> None:
         """Reload the snapshot whenever the configuration revision changes."""
