@@ -14,7 +14,7 @@ difference between the rounded total and the sum of the rounded lines is shown a
 
 import calendar
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
@@ -121,6 +121,9 @@ class StatementView:
         return sum(line.unpriced_requests for line in self.lines)
 
 
+# What a line holds, saved and shown alike.
+_LINE_FIELDS = tuple(field.name for field in fields(LineView))
+
 _MEASURES = {
     "requests": Count("id"),
     "input_tokens": Sum("input_tokens"),
@@ -198,21 +201,7 @@ def statement_preview(*, org: Organization, month: date) -> StatementView:
 
 def _view_of(statement: Statement) -> StatementView:
     lines = tuple(
-        LineView(
-            kind=line.kind,
-            usage_month=line.usage_month,
-            team_id=line.team_id,
-            team_name=line.team_name,
-            provider_kind=line.provider_kind,
-            model=line.model,
-            requests=line.requests,
-            input_tokens=line.input_tokens,
-            cached_input_tokens=line.cached_input_tokens,
-            output_tokens=line.output_tokens,
-            reasoning_tokens=line.reasoning_tokens,
-            unpriced_requests=line.unpriced_requests,
-            amount_nanos=line.amount_nanos,
-        )
+        LineView(**{name: getattr(line, name) for name in _LINE_FIELDS})
         for line in statement.lines.order_by("position")
     )
     return StatementView(
@@ -290,19 +279,7 @@ def statement_close(
             StatementLine(
                 statement=statement,
                 position=position,
-                kind=line.kind,
-                usage_month=line.usage_month,
-                team_id=line.team_id,
-                team_name=line.team_name,
-                provider_kind=line.provider_kind,
-                model=line.model,
-                requests=line.requests,
-                input_tokens=line.input_tokens,
-                cached_input_tokens=line.cached_input_tokens,
-                output_tokens=line.output_tokens,
-                reasoning_tokens=line.reasoning_tokens,
-                unpriced_requests=line.unpriced_requests,
-                amount_nanos=line.amount_nanos,
+                **{name: getattr(line, name) for name in _LINE_FIELDS},
             )
             for position, line in enumerate(lines)
         )
