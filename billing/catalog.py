@@ -7,7 +7,7 @@ gives the same rows on every machine with the same pinned version.
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from importlib.metadata import version
@@ -87,15 +87,12 @@ def catalog_prices_read(
     that name. Prices that are tiered, depend on the time of day, or need
     units beyond tokens are returned in `skipped` instead of approximated.
     """
-    by_id = {provider.id: provider for provider in catalog_providers}
     prices: list[CatalogPrice] = []
     skipped: list[CatalogSkip] = []
     for kind, provider_ids in kinds.items():
-        providers = [by_id[provider_id] for provider_id in provider_ids if provider_id in by_id]
+        providers = _providers(provider_ids)
         for name in _model_names(providers):
-            model = next(
-                (found for p in providers if (found := p.find_model(name)) is not None), None
-            )
+            model = _find_model(providers, name)
             if model is None:  # an id the catalog's own matching does not resolve
                 continue
             try:
@@ -103,6 +100,51 @@ def catalog_prices_read(
             except _Unrepresentable as exc:
                 skipped.append(CatalogSkip(provider_kind=kind, model=name, reason=str(exc)))
     return CatalogListing(prices=tuple(prices), skipped=tuple(skipped))
+
+
+def catalog_price_match(
+    provider_kind: str, model_name: str, *, moment: datetime | None = None
+) -> CatalogPrice | CatalogSkip | None:
+    """The list price the catalog's own match rules give `model_name`, as in force at `moment`.
+
+    Unlike `catalog_prices_read`, which lists only ids and exact aliases, this
+    also recognises the names the catalog matches by prefix, suffix, substring
+    or regex (dated and variant names such as `claude-sonnet-4-20250514`), and
+    compact dates (`-20240718` for `-2024-07-18`), exactly as genai-prices
+    itself would. The price is returned under `model_name` as given. None:
+    the kind has no catalog provider or no catalog model matches; a
+    CatalogSkip: the matched price cannot be held exactly.
+    """
+    if not model_name.strip():
+        return None  # an empty name would satisfy every `contains` clause
+    model = _find_model(_providers(CATALOG_PROVIDERS.get(provider_kind, ())), model_name)
+    if model is None:
+        return None
+    try:
+        return _price(provider_kind, model_name, model, moment or datetime.now(UTC))
+    except _Unrepresentable as exc:
+        return CatalogSkip(provider_kind=provider_kind, model=model_name, reason=str(exc))
+
+
+@cache
+def _providers_by_id() -> Mapping[str, catalog_types.Provider]:
+    return {provider.id: provider for provider in catalog_providers}
+
+
+def _providers(provider_ids: tuple[str, ...]) -> list[catalog_types.Provider]:
+    by_id = _providers_by_id()
+    return [by_id[provider_id] for provider_id in provider_ids if provider_id in by_id]
+
+
+def _find_model(
+    providers: list[catalog_types.Provider], name: str
+) -> catalog_types.ModelInfo | None:
+    """The catalog's own pick for `name`: the first provider that matches it wins.
+
+    No `all_providers` is passed, so the catalog's cross-provider fallbacks are
+    not followed: CATALOG_PROVIDERS says which providers a kind resells.
+    """
+    return next((found for p in providers if (found := p.find_model(name)) is not None), None)
 
 
 def _model_names(providers: list[catalog_types.Provider]) -> Iterator[str]:

@@ -1,19 +1,35 @@
 """Writes for billing: list prices imported from the pricing catalog."""
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.catalog import CatalogPrice, CatalogSkip, catalog_prices_read, catalog_version
+from billing.catalog import (
+    CATALOG_PROVIDERS,
+    CatalogPrice,
+    CatalogSkip,
+    catalog_price_match,
+    catalog_prices_read,
+    catalog_version,
+)
 from billing.models import ModelPrice
 from tenants.config import config_revision_bump
 
+logger = logging.getLogger(__name__)
+
 # Rows written per statement; progress is reported after each batch.
 IMPORT_BATCH_SIZE = 500
+
+# PostgreSQL advisory lock taken by every writer of catalog list prices (the
+# import and catalog_price_ensure), so two of them never both see "no row in
+# force" for the same model and both open one. Any fixed number unique in the
+# project; it spells "tgcp".
+_CATALOG_WRITE_LOCK = 0x74676370
 
 Progress = Callable[[int, int], None]  # (catalog prices compared so far, total)
 
@@ -39,6 +55,9 @@ class ImportSummary:
     held: int  # models whose list price an admin entered by hand: left to the admin
     differences: tuple[PriceDiff, ...]
     skips: tuple[CatalogSkip, ...]
+    # (kind, model) of catalog rows priced by an earlier match (see
+    # catalog_price_ensure) that the catalog no longer recognises: left in force.
+    unmatched: tuple[tuple[str, str], ...] = ()
 
 
 def catalog_prices_import(
@@ -50,18 +69,28 @@ def catalog_prices_import(
     current catalog row and opens a new one, so history is never edited and
     usage events keep the row they were priced with. Organization overrides and
     hand-entered list prices are never touched, and a model with a hand-entered
-    list price in force gets no catalog row that would shadow it. With
-    `dry_run`, nothing is written and the differences are only reported.
+    list price in force gets no catalog row that would shadow it.
+
+    Catalog rows under names that are no catalog id or alias (dated and
+    variant names priced by `catalog_price_ensure`) are matched again by the
+    catalog's rules and kept current the same way; a name it no longer
+    recognises keeps its row and is reported in `unmatched`. With `dry_run`,
+    nothing is written and the differences are only reported.
     """
     now = now or timezone.now()
     listing = catalog_prices_read(moment=now)
     prices = listing.prices
-    current, held_models = _list_prices_in_force(
-        kinds={price.provider_kind for price in prices}, now=now
-    )
     differences: list[PriceDiff] = []
+    skips = list(listing.skipped)
+    unmatched: list[tuple[str, str]] = []
     unchanged = held = 0
     with transaction.atomic():
+        if not dry_run:
+            _lock_catalog_writes()
+        # Read under the lock: a concurrent ensure's row is either seen or not yet begun.
+        current, held_models = _list_prices_in_force(
+            kinds={price.provider_kind for price in prices} | set(CATALOG_PROVIDERS), now=now
+        )
         for start in range(0, len(prices), IMPORT_BATCH_SIZE):
             batch = prices[start : start + IMPORT_BATCH_SIZE]
             to_close: list[int] = []
@@ -83,21 +112,109 @@ def catalog_prices_import(
                 _write(to_close=to_close, to_open=to_open, now=now)
             if progress is not None:
                 progress(start + len(batch), len(prices))
+        # Catalog rows under other names were opened by catalog_price_ensure:
+        # the catalog's match rules price them, so they follow its releases too.
+        listed = {(price.provider_kind, price.model) for price in prices}
+        listed.update((skip.provider_kind, skip.model) for skip in listing.skipped)
+        rematch_close: list[int] = []
+        rematch_open: list[ModelPrice] = []
+        for pair, row in current.items():
+            if pair in listed or pair in held_models:
+                continue
+            match = catalog_price_match(*pair, moment=now)
+            if match is None:
+                unmatched.append(pair)
+            elif isinstance(match, CatalogSkip):
+                skips.append(match)  # like a listed name: the row in force stays as it is
+            elif _same_rates(row, match):
+                unchanged += 1
+            else:
+                differences.append(PriceDiff(*pair, before=_rates_of(row), after=match))
+                rematch_close.append(row.pk)
+                rematch_open.append(_row_for(match, now=now))
+        if not dry_run:
+            _write(to_close=rematch_close, to_open=rematch_open, now=now)
         if differences and not dry_run:
             # update() and bulk_create() send no signals: tell every proxy to reload.
             config_revision_bump()
     added = sum(1 for diff in differences if diff.before is None)
+    for kind, model in unmatched:
+        logger.warning(
+            "catalog list price %s/%s: the catalog no longer recognises the name; "
+            "its current price is kept",
+            kind,
+            model,
+        )
     return ImportSummary(
         catalog_version=catalog_version(),
         dry_run=dry_run,
         added=added,
         changed=len(differences) - added,
         unchanged=unchanged,
-        skipped=len(listing.skipped),
+        skipped=len(skips),
         held=held,
         differences=tuple(differences),
-        skips=listing.skipped,
+        skips=tuple(skips),
+        unmatched=tuple(unmatched),
     )
+
+
+def catalog_price_ensure(
+    *, provider_kind: str, model: str, now: datetime | None = None
+) -> ModelPrice | None:
+    """A catalog list price for `model` at `provider_kind`, effective from `now`, if it has none.
+
+    For names a deployment is configured with that the import does not list
+    (dated and variant names the catalog recognises by its match rules). Does
+    nothing, and returns None, when a list price from any source is in force or
+    scheduled (an admin's price is never shadowed), when the catalog does not
+    recognise the name, or when its price cannot be held exactly. Returns the
+    row it created. Idempotent, and safe to call concurrently: at most one row
+    is opened.
+    """
+    now = now or timezone.now()
+    if _list_price_exists(provider_kind=provider_kind, model=model, now=now):
+        return None  # the usual case, answered without a lock
+    match = catalog_price_match(provider_kind, model, moment=now)
+    if isinstance(match, CatalogSkip):
+        logger.info("no list price for %s/%s: %s", provider_kind, model, match.reason)
+    if not isinstance(match, CatalogPrice):
+        return None
+    with transaction.atomic():
+        _lock_catalog_writes()
+        # Re-check under the lock: a concurrent call may have opened the row
+        # since the check above (READ COMMITTED sees it once it has committed).
+        if _list_price_exists(provider_kind=provider_kind, model=model, now=now):
+            return None
+        # A saved row (not bulk_create): the post_save watcher bumps the
+        # configuration revision on commit, so every proxy reloads its prices.
+        row = _row_for(match, now=now)
+        row.save()
+    return row
+
+
+def _list_price_exists(*, provider_kind: str, model: str, now: datetime) -> bool:
+    """A list price (any source) in force at `now` or scheduled to start later."""
+    return ModelPrice.objects.filter(
+        Q(effective_until__isnull=True) | Q(effective_until__gt=now),
+        org__isnull=True,
+        provider_kind=provider_kind,
+        model=model,
+    ).exists()
+
+
+def _lock_catalog_writes() -> None:
+    """Serialise writers of catalog list prices until the transaction ends.
+
+    There is no row to lock before the first price of a model exists, and
+    ModelPrice has no unique constraint on (kind, model) (closed rows repeat
+    the pair), so PostgreSQL gets a transaction-scoped advisory lock. SQLite
+    needs none: its transactions begin IMMEDIATE (see settings), so the one in
+    progress already holds the database's only write lock.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CATALOG_WRITE_LOCK])
 
 
 def _list_prices_in_force(

@@ -8,9 +8,11 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.db import transaction
 from django.http import HttpRequest
 
 from routing.models import Deployment, Provider, Route
+from routing.services import deployment_list_price_ensure
 
 
 class ProviderForm(forms.ModelForm):
@@ -54,6 +56,11 @@ class DeploymentAdmin(admin.ModelAdmin):
     list_display = ["name", "provider", "upstream_model", "priority", "weight", "enabled"]
     list_filter = ["provider", "enabled"]
     search_fields = ["name", "upstream_model"]
+
+    def save_model(self, request: HttpRequest, obj: Deployment, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # After commit: a rolled-back save leaves no price behind.
+        transaction.on_commit(lambda: deployment_list_price_ensure(obj))
 
 
 class RouteForm(forms.ModelForm):
