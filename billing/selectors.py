@@ -1,18 +1,27 @@
 """Reads for billing: prices for the proxy snapshot, usage for screens and reports."""
 
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet, Sum
 
 from billing.contracts import PriceRates
-from billing.models import ModelPrice, RollupMeasures, UsageEvent, UsageRollup, UsageTagRollup
+from billing.models import (
+    ModelPrice,
+    RollupMeasures,
+    Statement,
+    UsageEvent,
+    UsageRollup,
+    UsageTagRollup,
+)
 from billing.rollups import (
     COUNTERS,
     DAY,
     Measures,
     day_floor,
+    distinct_tags,
     histogram_percentile,
     hour_floor,
 )
@@ -320,3 +329,128 @@ def usage_by_end_user(
         )  # fmt: skip
         for row in rows
     ]
+
+
+# ---------------------------------------------------------------- finance reads
+# Statements are closed and previewed by billing/statements.py; these are the
+# reads a statement list and a "requests behind this figure" export need.
+
+
+@dataclass(frozen=True, slots=True)
+class StatementSummary:
+    statement_id: int
+    month: date
+    time_zone: str
+    closed_at: datetime
+    total_nanos: int
+
+
+def statements_list(*, org_id: int) -> list[StatementSummary]:
+    """The org's closed statements, newest month first."""
+    rows = Statement.objects.filter(org_id=org_id).order_by("-month")
+    return [
+        StatementSummary(
+            statement_id=row.pk,
+            month=row.month,
+            time_zone=row.time_zone,
+            closed_at=row.closed_at,
+            total_nanos=row.total_nanos,
+        )
+        for row in rows
+    ]
+
+
+def first_unbilled_started_at(*, org_id: int) -> datetime | None:
+    """When the org's oldest event not yet on a statement started (None: all billed)."""
+    return (
+        UsageEvent.objects.filter(org_id=org_id, statement__isnull=True)
+        .order_by("started_at")
+        .values_list("started_at", flat=True)
+        .first()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One raw event, as an export of the requests behind a figure lists it."""
+
+    event_id: uuid.UUID
+    started_at: datetime
+    team_id: int | None
+    team_name: str
+    key_prefix: str
+    key_name: str
+    endpoint: str
+    model: str
+    provider_kind: str
+    deployment_name: str
+    upstream_model: str
+    outcome: str
+    status_code: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    priced: bool
+    cost_nanos: int
+    tags: tuple[str, ...]
+    end_user: str
+
+
+NO_TEAM = "none"
+LEDGER_PAGE_SIZE = 2000
+_LEDGER_COLUMNS = (
+    "id", "started_at", "team_id", "team__name", "key__prefix", "key__name", "endpoint",
+    "model", "provider_kind", "deployment_name", "upstream_model", "outcome", "status_code",
+    "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "priced",
+    "cost_nanos", "tags", "end_user",
+)  # fmt: skip
+
+
+def ledger_page(
+    *, org_id: int, since: datetime | None = None, until: datetime | None = None,
+    statement_id: int | None = None, unbilled: bool = False, team: int | str | None = None,
+    after: tuple[datetime, uuid.UUID] | None = None, limit: int = LEDGER_PAGE_SIZE,
+) -> list[LedgerEntry]:  # fmt: skip
+    """Up to `limit` of the org's events in [since, until) (either bound optional), oldest
+    first; pass the last entry's (started_at, event_id) as `after` for the next page.
+
+    Narrowed to one statement's events (`statement_id`), or to events on no statement yet
+    (`unbilled`), and to one team (`team`: a team id, or NO_TEAM for events without one).
+    """
+    events = UsageEvent.objects.filter(org_id=org_id)
+    if since is not None:
+        events = events.filter(started_at__gte=since)
+    if until is not None:
+        events = events.filter(started_at__lt=until)
+    if statement_id is not None:
+        events = events.filter(statement_id=statement_id)
+    if unbilled:
+        events = events.filter(statement__isnull=True)
+    if team == NO_TEAM:
+        events = events.filter(team__isnull=True)
+    elif team is not None:
+        events = events.filter(team_id=team)
+    if after is not None:
+        # Keyset paging: stable under concurrent inserts, cheap on the (org, started_at) index.
+        started_at, event_id = after
+        events = events.filter(
+            Q(started_at__gt=started_at) | Q(started_at=started_at, id__gt=event_id)
+        )
+    rows = events.order_by("started_at", "id").values_list(*_LEDGER_COLUMNS)[:limit]
+    return [
+        LedgerEntry(
+            event_id=event_id, started_at=started_at, team_id=team_id,
+            team_name=team_name or "", key_prefix=key_prefix or "", key_name=key_name or "",
+            endpoint=endpoint, model=model, provider_kind=provider_kind,
+            deployment_name=deployment_name, upstream_model=upstream_model, outcome=outcome,
+            status_code=status_code, input_tokens=input_tokens,
+            cached_input_tokens=cached_input_tokens, output_tokens=output_tokens,
+            reasoning_tokens=reasoning_tokens, priced=priced, cost_nanos=cost_nanos,
+            tags=tuple(distinct_tags(tags)), end_user=end_user,
+        )
+        for (event_id, started_at, team_id, team_name, key_prefix, key_name, endpoint, model,
+             provider_kind, deployment_name, upstream_model, outcome, status_code, input_tokens,
+             cached_input_tokens, output_tokens, reasoning_tokens, priced, cost_nanos, tags,
+             end_user) in rows
+    ]  # fmt: skip
