@@ -1,0 +1,384 @@
+"""Budget counters: reserve a request's maximum cost on every budget, settle the actual cost.
+
+Each budget line (one budget in one period) has a *settled* total (what requests
+really cost) and a *reserved* total (the maximum cost of requests in flight).
+`reserve` admits a request only if every hard line still has room for its maximum
+cost, atomically across all lines, so concurrent requests can never overspend a
+hard limit; `settle` replaces the hold with the actual cost. A hold whose request
+crashed expires after its TTL and is released by the next operation on that line.
+
+Two implementations with the same semantics (one contract test suite):
+`RedisBudgetCounters` (shared by every web replica: one Lua script, one round trip
+per operation) and `InProcessBudgetCounters` (the embedded default).
+
+"No counter" is not "zero": after Redis lost its data (or at the start of a new
+period) a line has no settled total, and `reserve` answers MISSING, reserving
+nothing. The caller then seeds those lines from the ledger
+(`billing.budget_ledger.abudget_counters_seed`) and reserves again. That costs
+extra round trips and one DB query only on a line's first request after a loss or
+a period start; every other request stays at one round trip before the upstream
+call and one after, with no DB query. (Precomputing seed values for every request
+would put the DB on the hot path.) Retry once: a line still missing after seeding
+means the counters are failing, and the caller's fail-open/closed policy applies.
+
+Money is integer nano-USD. Lua numbers are doubles, so limits and amounts must
+stay below 2**53 nano-USD (about 9 million USD per budget period); lines and
+amounts are checked against that bound.
+"""
+
+import abc
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from redis.asyncio import Redis
+
+from billing.budget_counters_lua import BUDGET_COUNTERS_LUA
+from billing.budget_periods import BudgetWindow, budget_window
+
+MAX_NANOS = 2**53  # exact integers in Lua's doubles
+# Counter keys outlive their period a little, so late settles still find them.
+KEY_GRACE_S = 3600
+# How long a settle is remembered, so a repeated settle is a no-op.
+SETTLE_MEMORY_S = 86_400
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLine:
+    """One budget in its current period, as the hot path sees it."""
+
+    budget_id: int
+    limit_nanos: int
+    hard: bool
+    window: BudgetWindow
+
+    def __post_init__(self) -> None:
+        if not 0 < self.limit_nanos < MAX_NANOS:
+            raise ValueError(f"limit_nanos must be in (0, 2**53): {self.limit_nanos}")
+
+    @property
+    def period_id(self) -> str:
+        return self.window.period_id
+
+    @property
+    def key_prefix(self) -> str:
+        return f"tollgate:budget:{self.budget_id}:{self.period_id}"
+
+
+def budget_line(
+    *, budget_id: int, period: str, time_zone: str, limit_nanos: int, hard: bool, at: datetime
+) -> BudgetLine:
+    """The line of a budget for the period containing `at` (in the org's time zone)."""
+    window = budget_window(period, time_zone, at)
+    return BudgetLine(budget_id=budget_id, limit_nanos=limit_nanos, hard=hard, window=window)
+
+
+@dataclass(frozen=True, slots=True)
+class LineSpend:
+    """A line's totals at one moment (settled is None when the counter is missing)."""
+
+    line: BudgetLine
+    settled_nanos: int | None
+    reserved_nanos: int
+
+
+class ReserveStatus(enum.Enum):
+    RESERVED = "reserved"
+    EXCEEDED = "exceeded"  # a hard line has no room: nothing reserved
+    MISSING = "missing"  # some counters are absent: seed them, then reserve again
+    ALREADY_HELD = "already_held"  # this request id already holds its reservation
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    status: ReserveStatus
+    amount_nanos: int
+    # RESERVED / ALREADY_HELD: every line after reserving; EXCEEDED: the hard lines
+    # that had no room, with their totals before this request.
+    spends: tuple[LineSpend, ...] = ()
+    missing: tuple[BudgetLine, ...] = ()
+
+    @property
+    def admitted(self) -> bool:
+        return self.status in (ReserveStatus.RESERVED, ReserveStatus.ALREADY_HELD)
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    # False when this request was already settled: nothing changed.
+    applied: bool
+    # The hold found and released (0 when it was unknown or had expired).
+    released_nanos: int = 0
+    # Lines without a counter: the cost was not added there (the ledger has it).
+    missing: tuple[BudgetLine, ...] = ()
+
+
+def _check_nanos(name: str, value: int) -> None:
+    if not 0 <= value < MAX_NANOS:
+        raise ValueError(f"{name} must be in [0, 2**53): {value}")
+
+
+def _key_ttl_ms(line: BudgetLine, now: float) -> int:
+    """Milliseconds the line's keys should live (0: forever), measured on our clock."""
+    if line.window.end_at is None:
+        return 0
+    return max(1, int((line.window.end_at.timestamp() + KEY_GRACE_S - now) * 1000))
+
+
+class BudgetCounters(abc.ABC):
+    """Atomic budget counters. Every operation is all-or-nothing across its lines."""
+
+    @abc.abstractmethod
+    async def reserve(
+        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+    ) -> ReserveResult:
+        """Hold `amount_nanos` on every line if every hard line has room, else hold nothing.
+
+        Room means settled + reserved + amount <= limit. Soft lines never refuse.
+        The hold expires `ttl_s` seconds from now unless settled before.
+        """
+
+    @abc.abstractmethod
+    async def settle(
+        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+    ) -> SettleResult:
+        """Release the request's hold and add `actual_nanos` (in full) to each line's settled.
+
+        Give the lines the request reserved on. An unknown or expired hold still
+        records the cost; settling the same request again changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
+        """Each line's settled and reserved totals (expired holds released first)."""
+
+    @abc.abstractmethod
+    async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
+        """Raise the line's settled total to at least `settled_nanos`, creating it if missing.
+
+        Never lowers a counter: a lower figure comes from a ledger that has not yet
+        caught up with requests in flight. Returns the settled total now.
+        """
+
+
+def _spends(lines: Sequence[BudgetLine], flat: Sequence[int]) -> tuple[LineSpend, ...]:
+    return tuple(
+        LineSpend(line, None if flat[2 * i] < 0 else int(flat[2 * i]), int(flat[2 * i + 1]))
+        for i, line in enumerate(lines)
+    )
+
+
+class RedisBudgetCounters(BudgetCounters):
+    """Counters shared through Redis: each operation is one EVALSHA of one script.
+
+    redis-py's registered script runs EVALSHA and loads the script once when
+    Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH). All of a request's
+    lines must live on one Redis (no cluster sharding). Redis errors propagate:
+    the caller decides whether to fail open or closed. Configure Redis with a
+    `noeviction` policy: an evicted settled counter reads as missing and is
+    re-seeded from the ledger, which can lag by the requests in flight.
+
+    Keys: `tollgate:budget:{budget_id}:{period_id}:settled|reserved|holds|amounts`,
+    expiring KEY_GRACE_S after the period ends (never for lifetime), and
+    `tollgate:budget:settle:{request_id}`, which remembers a settle for
+    SETTLE_MEMORY_S. Hold deadlines and key TTLs are measured on `clock`.
+    """
+
+    def __init__(self, client: Redis, *, clock: Clock = time.time) -> None:
+        self._script = client.register_script(BUDGET_COUNTERS_LUA)
+        self._clock = clock
+
+    async def _run(
+        self,
+        op: str,
+        lines: Sequence[BudgetLine],
+        *,
+        request_id: str = "",
+        nanos: int = 0,
+        hold_ttl_s: float = 0,
+    ) -> list[int]:
+        now = self._clock()
+        keys = [f"tollgate:budget:settle:{request_id}"]
+        args: list[str | int | float] = [op, request_id, now, len(lines), nanos, hold_ttl_s]
+        args.append(SETTLE_MEMORY_S)
+        for line in lines:
+            prefix = line.key_prefix
+            keys += [f"{prefix}:settled", f"{prefix}:reserved", f"{prefix}:holds"]
+            keys.append(f"{prefix}:amounts")
+            args += [line.limit_nanos, int(line.hard), _key_ttl_ms(line, now)]
+        reply: list[int] = await self._script(keys=keys, args=args)
+        return reply
+
+    async def reserve(
+        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+    ) -> ReserveResult:
+        _check_nanos("amount_nanos", amount_nanos)
+        if not lines:
+            return ReserveResult(ReserveStatus.RESERVED, amount_nanos)
+        reply = await self._run(
+            "reserve", lines, request_id=request_id, nanos=amount_nanos, hold_ttl_s=ttl_s
+        )
+        code, rest = int(reply[0]), reply[1:]
+        if code == 2:
+            missing = tuple(lines[int(i) - 1] for i in rest)
+            return ReserveResult(ReserveStatus.MISSING, amount_nanos, missing=missing)
+        if code == 1:
+            exceeded = tuple(
+                LineSpend(lines[int(rest[j]) - 1], int(rest[j + 1]), int(rest[j + 2]))
+                for j in range(0, len(rest), 3)
+            )
+            return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
+        status = ReserveStatus.RESERVED if code == 0 else ReserveStatus.ALREADY_HELD
+        return ReserveResult(status, amount_nanos, spends=_spends(lines, rest))
+
+    async def settle(
+        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+    ) -> SettleResult:
+        _check_nanos("actual_nanos", actual_nanos)
+        reply = await self._run("settle", lines, request_id=request_id, nanos=actual_nanos)
+        if int(reply[0]) == 3:
+            return SettleResult(applied=False)
+        missing = tuple(lines[int(i) - 1] for i in reply[2:])
+        return SettleResult(applied=True, released_nanos=int(reply[1]), missing=missing)
+
+    async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
+        if not lines:
+            return ()
+        return _spends(lines, (await self._run("spent", lines))[1:])
+
+    async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
+        _check_nanos("settled_nanos", settled_nanos)
+        return int(await self._run("seed", [line], nanos=settled_nanos))
+
+
+@dataclass(slots=True)
+class _Counter:
+    settled: int | None = None
+    reserved: int = 0
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (nanos, deadline)
+    expires_at: float | None = None  # the period ended (plus grace): forget the counter
+
+
+class InProcessBudgetCounters(BudgetCounters):
+    """The embedded default: the same semantics in one process's memory.
+
+    Each operation runs to completion without awaiting, so on one event loop it
+    is atomic like the Lua script. Counters are lost with the process and then
+    re-seeded from the ledger, exactly like counters Redis lost. Use it from the
+    event loop that serves requests only: it is not thread-safe.
+    """
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._counters: dict[tuple[int, str], _Counter] = {}
+        self._settled_requests: OrderedDict[str, float] = OrderedDict()  # id -> forget at
+        self._next_sweep_at = 0.0
+
+    def _counter(self, line: BudgetLine, now: float) -> _Counter:
+        """The line's counter with its expired holds released (created empty if absent)."""
+        key = (line.budget_id, line.period_id)
+        counter = self._counters.get(key)
+        if counter is None or (counter.expires_at is not None and counter.expires_at <= now):
+            counter = self._counters[key] = _Counter()
+            self._keep_until(counter, line, now)
+        expired = [rid for rid, (_, deadline) in counter.holds.items() if deadline <= now]
+        for rid in expired:
+            self._release(counter, rid)
+        return counter
+
+    @staticmethod
+    def _release(counter: _Counter, request_id: str) -> int:
+        amount, _ = counter.holds.pop(request_id, (0, 0.0))
+        counter.reserved = max(0, counter.reserved - amount)
+        return amount
+
+    @staticmethod
+    def _keep_until(counter: _Counter, line: BudgetLine, now: float) -> None:
+        ttl_ms = _key_ttl_ms(line, now)
+        counter.expires_at = now + ttl_ms / 1000 if ttl_ms else None
+
+    def _sweep(self, now: float) -> None:
+        """Forget old settle markers and ended periods (at most once a minute)."""
+        while self._settled_requests:
+            request_id, forget_at = next(iter(self._settled_requests.items()))
+            if forget_at > now:
+                break
+            del self._settled_requests[request_id]
+        if now < self._next_sweep_at:
+            return
+        self._next_sweep_at = now + 60
+        for key, counter in list(self._counters.items()):
+            if counter.expires_at is not None and counter.expires_at <= now:
+                del self._counters[key]
+
+    async def reserve(
+        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+    ) -> ReserveResult:
+        _check_nanos("amount_nanos", amount_nanos)
+        now = self._clock()
+        self._sweep(now)
+        counters = [self._counter(line, now) for line in lines]
+        missing = tuple(line for line, c in zip(lines, counters, strict=True) if c.settled is None)
+        if missing:
+            return ReserveResult(ReserveStatus.MISSING, amount_nanos, missing=missing)
+        if counters and request_id in counters[0].holds:
+            return ReserveResult(
+                ReserveStatus.ALREADY_HELD, amount_nanos, spends=self._spends(lines, counters)
+            )
+        exceeded = tuple(
+            LineSpend(line, c.settled, c.reserved)
+            for line, c in zip(lines, counters, strict=True)
+            if line.hard and (c.settled or 0) + c.reserved + amount_nanos > line.limit_nanos
+        )
+        if exceeded:
+            return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
+        for line, counter in zip(lines, counters, strict=True):
+            counter.reserved += amount_nanos
+            counter.holds[request_id] = (amount_nanos, now + ttl_s)
+            self._keep_until(counter, line, now)
+        return ReserveResult(
+            ReserveStatus.RESERVED, amount_nanos, spends=self._spends(lines, counters)
+        )
+
+    async def settle(
+        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+    ) -> SettleResult:
+        _check_nanos("actual_nanos", actual_nanos)
+        now = self._clock()
+        self._sweep(now)
+        if request_id in self._settled_requests:
+            return SettleResult(applied=False)
+        self._settled_requests[request_id] = now + SETTLE_MEMORY_S
+        released, missing = 0, []
+        for line in lines:
+            counter = self._counter(line, now)
+            released = max(released, self._release(counter, request_id))
+            if counter.settled is None:
+                missing.append(line)
+            else:
+                counter.settled += actual_nanos
+        return SettleResult(applied=True, released_nanos=released, missing=tuple(missing))
+
+    async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
+        now = self._clock()
+        return self._spends(lines, [self._counter(line, now) for line in lines])
+
+    async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
+        _check_nanos("settled_nanos", settled_nanos)
+        now = self._clock()
+        counter = self._counter(line, now)
+        if counter.settled is None or counter.settled < settled_nanos:
+            counter.settled = settled_nanos
+            self._keep_until(counter, line, now)
+        return counter.settled
+
+    @staticmethod
+    def _spends(lines: Sequence[BudgetLine], counters: Sequence[_Counter]) -> tuple[LineSpend, ...]:
+        return tuple(
+            LineSpend(line, c.settled, c.reserved) for line, c in zip(lines, counters, strict=True)
+        )

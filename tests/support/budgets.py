@@ -1,0 +1,120 @@
+"""Budget counter harness: both implementations behind one contract, with a controlled clock.
+
+`budget_harness(kind)` yields a `Harness` whose `counters` and `other` are two
+processes' views of the same counters: two Redis clients (separate connection
+pools) on one Redis, or, in process, the one instance a single process has.
+"""
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio
+
+from billing.budget_counters import (
+    BudgetCounters,
+    BudgetLine,
+    InProcessBudgetCounters,
+    RedisBudgetCounters,
+    budget_line,
+)
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+COUNTER_KEYS = "tollgate:budget:*"
+START = datetime(2025, 6, 15, 12, tzinfo=UTC)
+
+HARNESS_KINDS = [
+    pytest.param("in-process", id="in-process"),
+    pytest.param(
+        "redis",
+        id="redis",
+        marks=pytest.mark.skipif(
+            not REDIS_URL, reason="needs Redis: REDIS_URL is unset (the embedded run)"
+        ),
+    ),
+]
+
+
+class Clock:
+    """A wall clock (Unix seconds) that moves only when a test says so."""
+
+    def __init__(self, at: datetime = START) -> None:
+        self.now = at.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @property
+    def at(self) -> datetime:
+        return datetime.fromtimestamp(self.now, tz=UTC)
+
+
+@dataclass
+class Harness:
+    kind: str
+    clock: Clock
+    counters: BudgetCounters
+    other: BudgetCounters  # another web process, sharing the counters
+    client: redis.asyncio.Redis | None = None
+
+    async def lose_counters(self) -> None:
+        """What a Redis flush or a process restart does: every counter is gone."""
+        if self.client is None:
+            self.counters = self.other = InProcessBudgetCounters(clock=self.clock)
+        else:
+            await _delete_counter_keys(self.client)
+
+
+async def _delete_counter_keys(client: redis.asyncio.Redis) -> None:
+    keys = [key async for key in client.scan_iter(match=COUNTER_KEYS, count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
+@asynccontextmanager
+async def budget_harness(kind: str) -> AsyncIterator[Harness]:
+    clock = Clock()
+    if kind == "in-process":
+        counters = InProcessBudgetCounters(clock=clock)
+        yield Harness(kind, clock, counters, counters)
+        return
+    first = redis.asyncio.Redis.from_url(REDIS_URL)
+    second = redis.asyncio.Redis.from_url(REDIS_URL)
+    await _delete_counter_keys(first)
+    try:
+        yield Harness(
+            kind,
+            clock,
+            RedisBudgetCounters(first, clock=clock),
+            RedisBudgetCounters(second, clock=clock),
+            client=first,
+        )
+    finally:
+        await _delete_counter_keys(first)
+        await first.aclose()
+        await second.aclose()
+
+
+def line(
+    budget_id: int,
+    limit_nanos: int,
+    *,
+    hard: bool = True,
+    period: str = "monthly",
+    time_zone: str = "UTC",
+    at: datetime = START,
+) -> BudgetLine:
+    return budget_line(
+        budget_id=budget_id,
+        period=period,
+        time_zone=time_zone,
+        limit_nanos=limit_nanos,
+        hard=hard,
+        at=at,
+    )
