@@ -4,9 +4,9 @@ import time
 from datetime import UTC, datetime
 
 from billing.contracts import TokenUsage, UsageRecord
-from billing.ingest import UsageBuffer
 from billing.models import UsageEvent
 from billing.pricing import cost_nanos
+from billing.stream import UsageSink
 from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, LimitExceeded, UpstreamError
 from routing.health import DeploymentHealth
@@ -34,7 +34,7 @@ class Meter:
         key: KeyContext,
         endpoint: str,
         snapshot: ConfigSnapshot,
-        sink: UsageBuffer,
+        sink: UsageSink,
         health: DeploymentHealth | None = None,
     ) -> None:
         self._request = request

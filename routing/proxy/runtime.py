@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from billing.ingest import UsageBuffer
 from billing.schedule import EMBEDDED_JOBS
-from billing.stream import UsageStreamProducer
+from billing.stream import UsageSink, UsageStreamProducer
 from routing.cache import InProcessCache, RedisResponseCache, ResponseCache
 from routing.health import BreakerPolicy, DeploymentHealth
 from routing.health_board import post_local, post_shared
@@ -65,7 +65,7 @@ class ProxyRuntime:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self.usage: UsageBuffer | UsageStreamProducer
+        self.usage: UsageSink
         if settings.REDIS_URL:
             # To the Redis Stream that Celery drains; spooled to disk while Redis is away.
             self.usage = UsageStreamProducer.from_settings()
@@ -97,14 +97,14 @@ class ProxyRuntime:
             asyncio.create_task(self._follow_configuration(), name="tollgate-config"),
             asyncio.create_task(self.usage.run(), name="tollgate-usage"),
         ]
-        if not settings.REDIS_URL:
-            # No Celery beat in the embedded default: this process runs its jobs.
-            self._tasks.append(asyncio.create_task(self._run_jobs(), name="tollgate-jobs"))
         shared: SharedHealth | None = None
         if settings.REDIS_URL:
             self._redis = Redis.from_url(settings.REDIS_URL)
             self.cache = RedisResponseCache(self._redis)
             shared = SharedHealth(self._redis, policy=self.health.policy)
+        else:
+            # No Celery beat in the embedded default: this process runs its jobs.
+            self._tasks.append(asyncio.create_task(self._run_jobs(), name="tollgate-jobs"))
         self._tasks.append(asyncio.create_task(self._watch_health(shared), name="tollgate-health"))
         logger.info(
             "Proxy ready: %d keys, %d routes",
