@@ -13,19 +13,7 @@ from billing.models import (
     UsageRollup,
     UsageTagRollup,
 )
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows the system computes: listed and inspected, never edited by hand."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+from tenants.admin import ReadOnlyAdmin
 
 
 @admin.register(ModelPrice)
@@ -39,7 +27,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageEvent)
-class UsageEventAdmin(admin.ModelAdmin):
+class UsageEventAdmin(ReadOnlyAdmin):
     """Read-only: the ledger is corrected by adjustments, never edited."""
 
     list_display = [
@@ -50,15 +38,6 @@ class UsageEventAdmin(admin.ModelAdmin):
     search_fields = ["id", "model", "end_user"]
     date_hierarchy = "started_at"
     list_select_related = ["org", "key"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(UsageRollup)

@@ -38,8 +38,9 @@ a fleet-wide single probe would need a Redis round trip on the request path.
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -238,13 +239,7 @@ class SharedHealth:
                 self._own_usage[deployment_id] = own
             else:
                 del self._own_usage[deployment_id]
-        others: dict[int, tuple[int, int]] = {}
-        for deployment_id, (requests, tokens) in fleet.items():
-            own_requests, own_tokens = _sum_own(self._own_usage.get(deployment_id, {}).values())
-            remote = (max(0, requests - own_requests), max(0, tokens - own_tokens))
-            if remote != (0, 0):
-                others[deployment_id] = remote
-        health.merge_usage(others, now)
+        health.merge_usage(_minus_own(fleet, self._own_usage), now)
 
     def _apply(
         self,
@@ -292,7 +287,6 @@ class SharedHealth:
             counts = fleet.setdefault(parsed.deployment_id, [0, 0])
             counts[1 if parsed.is_failures else 0] += value
 
-        others: dict[int, tuple[int, int]] = {}
         for deployment_id in list(self._own):
             epoch = self._epochs.get(deployment_id, 0)
             own = {
@@ -304,12 +298,7 @@ class SharedHealth:
                 self._own[deployment_id] = own
             else:
                 del self._own[deployment_id]
-        for deployment_id, (requests, failures) in fleet.items():
-            own_requests, own_failures = _sum_own(self._own.get(deployment_id, {}).values())
-            remote = (max(0, requests - own_requests), max(0, failures - own_failures))
-            if remote[0]:
-                others[deployment_id] = remote
-        health.merge_window(others, now)
+        health.merge_window(_minus_own(fleet, self._own), now)
 
     def _report_failure(self, exc: Exception) -> None:
         # One warning per outage, not one per second.
@@ -323,9 +312,18 @@ class SharedHealth:
         )
 
 
-def _sum_own(values: Iterable[list[int]]) -> tuple[int, int]:
-    requests = failures = 0
-    for value in values:
-        requests += value[0]
-        failures += value[1]
-    return requests, failures
+def _minus_own(
+    fleet: dict[int, list[int]], own: Mapping[int, Mapping[Any, list[int]]]
+) -> dict[int, tuple[int, int]]:
+    """The other replicas' share: the fleet's pair of counts per deployment minus the
+    counts this process added itself (summed over its buckets)."""
+    others: dict[int, tuple[int, int]] = {}
+    for deployment_id, (first, second) in fleet.items():
+        own_first = own_second = 0
+        for value in own.get(deployment_id, {}).values():
+            own_first += value[0]
+            own_second += value[1]
+        remote = (max(0, first - own_first), max(0, second - own_second))
+        if any(remote):
+            others[deployment_id] = remote
+    return others

@@ -15,6 +15,19 @@ def _actor(request: HttpRequest) -> Actor:
     return Actor(user=request.user, ip_address=request.META.get("REMOTE_ADDR"))  # type: ignore[arg-type]
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that are appended or computed, never edited by hand: listed and inspected."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "time_zone", "created_at"]
@@ -85,7 +98,7 @@ class BudgetAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
+class AuditLogAdmin(ReadOnlyAdmin):
     """Read-only: the audit log is append-only."""
 
     list_display = [
@@ -99,12 +112,3 @@ class AuditLogAdmin(admin.ModelAdmin):
     ]
     list_filter = ["org", "action"]
     search_fields = ["action", "target_id", "actor_label"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

@@ -1,14 +1,11 @@
 """Monthly statements: exact lines, frozen once closed, late usage as adjustments."""
 
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
-from billing.contracts import TokenUsage, UsageRecord
-from billing.ingest import usage_events_write
 from billing.models import Statement, StatementLine, UsageEvent
 from billing.statements import (
     StatementNotDue,
@@ -20,23 +17,12 @@ from billing.statements import (
     statements_close_due,
 )
 from tests.factories import OrganizationFactory, TeamFactory
+from tests.support.ledger import record_usage
 
 pytestmark = pytest.mark.django_db
 
 GRACE = timedelta(hours=6)
 OCTOBER, NOVEMBER, DECEMBER = date(2026, 10, 1), date(2026, 11, 1), date(2026, 12, 1)
-
-
-def spend(org, when: datetime, cost_nanos: int, *, team=None, model="gpt-4o-mini", priced=True):
-    usage_events_write([
-        UsageRecord(
-            event_id=uuid.uuid4(), org_id=org.pk, team_id=team.pk if team else None, key_id=None,
-            endpoint="chat.completions", model=model, outcome="success", status_code=200,
-            started_at=when, finished_at=when, provider_kind="openai", upstream_model=model,
-            usage=TokenUsage(input_tokens=100, output_tokens=10), cost_nanos=cost_nanos,
-            priced=priced,
-        )
-    ])  # fmt: skip
 
 
 def test_months_follow_the_org_calendar_and_rounding_happens_once() -> None:
@@ -50,12 +36,16 @@ def test_a_month_closes_with_exact_lines_by_team_provider_and_model() -> None:
     org = OrganizationFactory(time_zone="Europe/Berlin")
     search, ads = TeamFactory(org=org, name="Search"), TeamFactory(org=org, name="Ads")
     local = ZoneInfo("Europe/Berlin")
-    spend(org, datetime(2026, 10, 1, 0, 30, tzinfo=local), 4_000_000, team=search)  # Oct in Berlin
-    spend(org, datetime(2026, 10, 15, tzinfo=local), 4_000_000, team=search)
-    spend(org, datetime(2026, 10, 20, tzinfo=local), 4_000_000, team=ads, model="gpt-4o")
-    spend(org, datetime(2026, 10, 21, tzinfo=local), 0, team=ads, model="mystery", priced=False)
-    spend(org, datetime(2026, 9, 30, 23, 30, tzinfo=local), 7, team=search)  # September
-    spend(org, datetime(2026, 11, 1, 0, 30, tzinfo=local), 9, team=search)  # November
+    record_usage(
+        org, datetime(2026, 10, 1, 0, 30, tzinfo=local), 4_000_000, team=search
+    )  # Oct in Berlin
+    record_usage(org, datetime(2026, 10, 15, tzinfo=local), 4_000_000, team=search)
+    record_usage(org, datetime(2026, 10, 20, tzinfo=local), 4_000_000, team=ads, model="gpt-4o")
+    record_usage(
+        org, datetime(2026, 10, 21, tzinfo=local), 0, team=ads, model="mystery", priced=False
+    )
+    record_usage(org, datetime(2026, 9, 30, 23, 30, tzinfo=local), 7, team=search)  # September
+    record_usage(org, datetime(2026, 11, 1, 0, 30, tzinfo=local), 9, team=search)  # November
 
     with pytest.raises(StatementNotDue):
         statement_close(
@@ -88,7 +78,9 @@ def test_a_month_closes_with_exact_lines_by_team_provider_and_model() -> None:
 def test_the_rounding_line_shows_what_cents_per_line_lose() -> None:
     org = OrganizationFactory()
     for model in ("a", "b", "c"):
-        spend(org, datetime(2026, 10, 5, tzinfo=UTC), 4_000_000, model=model)  # 0.4 cent each
+        record_usage(
+            org, datetime(2026, 10, 5, tzinfo=UTC), 4_000_000, model=model
+        )  # 0.4 cent each
     view = statement_preview(org=org, month=OCTOBER)
     assert [ln.amount_cents for ln in view.lines] == [0, 0, 0]
     assert (view.total_cents, view.rounding_cents) == (1, 1)
@@ -96,15 +88,15 @@ def test_the_rounding_line_shows_what_cents_per_line_lose() -> None:
 
 def test_a_closed_statement_never_changes_and_late_usage_is_an_adjustment() -> None:
     org = OrganizationFactory()
-    spend(org, datetime(2026, 10, 10, tzinfo=UTC), 1_000)
+    record_usage(org, datetime(2026, 10, 10, tzinfo=UTC), 1_000)
     october = statement_close(
         org=org, month=OCTOBER, grace=GRACE, now=datetime(2026, 11, 2, tzinfo=UTC)
     )
     assert statement_close(org=org, month=OCTOBER, grace=GRACE) == october, "closing is idempotent"
     frozen = list(october.lines.values_list("amount_nanos", flat=True))
 
-    spend(org, datetime(2026, 10, 31, 23, tzinfo=UTC), 250)  # arrives after October closed
-    spend(org, datetime(2026, 11, 3, tzinfo=UTC), 5_000)
+    record_usage(org, datetime(2026, 10, 31, 23, tzinfo=UTC), 250)  # arrives after October closed
+    record_usage(org, datetime(2026, 11, 3, tzinfo=UTC), 5_000)
     assert list(october.lines.values_list("amount_nanos", flat=True)) == frozen
     assert statement_view(org=org, month=OCTOBER).total_nanos == 1_000
 
@@ -123,10 +115,10 @@ def test_every_event_is_billed_on_exactly_one_statement() -> None:
     org = OrganizationFactory(time_zone="Asia/Kolkata")
     moments = [datetime(2026, 9, 1, tzinfo=UTC) + timedelta(hours=7 * i) for i in range(300)]
     for i, moment in enumerate(moments[:200]):
-        spend(org, moment, 1_000 + i)
+        record_usage(org, moment, 1_000 + i)
     statements_close_due(grace=GRACE, now=datetime(2026, 11, 1, 12, tzinfo=UTC))
     for i, moment in enumerate(moments[200:] + moments[:20], start=200):  # more, some late
-        spend(org, moment, 1_000 + i)
+        record_usage(org, moment, 1_000 + i)
     statements_close_due(grace=GRACE, now=datetime(2027, 1, 1, 12, tzinfo=UTC))
 
     billed = sum(s.total_nanos for s in Statement.objects.filter(org=org))

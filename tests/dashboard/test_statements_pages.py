@@ -2,19 +2,17 @@
 
 import csv
 import io
-import uuid
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from django.test import Client
 from django.utils import timezone
 
-from billing.contracts import TokenUsage, UsageRecord
-from billing.ingest import usage_events_write
 from billing.statements import next_month, statement_close
 from tenants.models import Membership
 from tests.dashboard.test_reports import body
 from tests.factories import OrganizationFactory, TeamFactory, UserFactory
+from tests.support.ledger import record_usage
 
 pytestmark = pytest.mark.django_db
 GRACE = timedelta(hours=6)
@@ -30,18 +28,6 @@ def months_ago(count: int) -> date:
 
 def at(month: date, day: int = 10) -> datetime:
     return datetime(month.year, month.month, day, 12, tzinfo=UTC)
-
-
-def record(org, when: datetime, cost_nanos: int, *, team=None, model="gpt-4o-mini", priced=True):
-    usage_events_write([
-        UsageRecord(
-            event_id=uuid.uuid4(), org_id=org.pk, team_id=team.pk if team else None, key_id=None,
-            endpoint="chat.completions", model=model, outcome="success", status_code=200,
-            started_at=when, finished_at=when, provider_kind="openai", upstream_model=model,
-            usage=TokenUsage(input_tokens=100, output_tokens=10), cost_nanos=cost_nanos,
-            priced=priced,
-        )
-    ])  # fmt: skip
 
 
 def close(org, month: date) -> None:
@@ -70,9 +56,9 @@ def test_a_closed_statement_stays_frozen_and_late_usage_is_an_adjustment_next_mo
     org = OrganizationFactory(slug="acme", name="Acme")
     search, ads = TeamFactory(org=org, name="Search"), TeamFactory(org=org, name="Ads")
     first, second = months_ago(2), months_ago(1)
-    record(org, at(first), 1_500_000_000, team=search)
-    record(org, at(first, 11), 1_500_000_000, team=search)
-    record(org, at(first), 7, team=ads, model="gpt-4o")
+    record_usage(org, at(first), 1_500_000_000, team=search)
+    record_usage(org, at(first, 11), 1_500_000_000, team=search)
+    record_usage(org, at(first), 7, team=ads, model="gpt-4o")
     close(org, first)
     client = viewer(org)
 
@@ -85,7 +71,7 @@ def test_a_closed_statement_stays_frozen_and_late_usage_is_an_adjustment_next_mo
     assert "$0.000000007" in page and "$0.00" in page  # Ads
     assert "Print / save as PDF" in page and "dashboard/print.js" in page
 
-    record(org, at(first, 20), 250_000_000, team=search)  # late: its month is closed
+    record_usage(org, at(first, 20), 250_000_000, team=search)  # late: its month is closed
     page = client.get(url(first), {"org": "acme"}).content.decode()
     assert "$3.000000007" in page and "$3.250000007" not in page  # frozen, never edited
     assert "Late usage from" not in page
@@ -94,7 +80,7 @@ def test_a_closed_statement_stays_frozen_and_late_usage_is_an_adjustment_next_mo
     assert "Open — preview, may still change" in preview
     assert f"Late usage from {first:%B %Y}" in preview and "$0.250000000" in preview
 
-    record(org, at(second), 1_000_000_000, team=ads)
+    record_usage(org, at(second), 1_000_000_000, team=ads)
     close(org, second)
     response = client.get(url(second), {"org": "acme"})
     page = response.content.decode()
@@ -120,7 +106,7 @@ def test_csv_total_is_the_sum_of_the_lines_and_rounding_is_shown() -> None:
     org = OrganizationFactory(slug="pennies")
     month = months_ago(1)
     for model in ("model-a", "model-b", "model-c"):
-        record(org, at(month), 4_000_000, model=model)  # 0.4 cents each
+        record_usage(org, at(month), 4_000_000, model=model)  # 0.4 cents each
     close(org, month)
     client = viewer(org)
 
@@ -151,9 +137,9 @@ def test_the_requests_behind_a_statement_add_up_to_it() -> None:
     org = OrganizationFactory(slug="traced")
     team = TeamFactory(org=org, name="Search")
     month = months_ago(1)
-    record(org, at(month), 123_456_789, team=team)
-    record(org, at(month, 12), 1, model="other")
-    record(org, at(next_month(month)), 10**12)  # this month: on no closed statement yet
+    record_usage(org, at(month), 123_456_789, team=team)
+    record_usage(org, at(month, 12), 1, model="other")
+    record_usage(org, at(next_month(month)), 10**12)  # this month: on no closed statement yet
     close(org, month)
     client = viewer(org)
 
@@ -169,9 +155,9 @@ def test_chargeback_view_shows_one_teams_lines() -> None:
     org = OrganizationFactory(slug="charge")
     search, ads = TeamFactory(org=org, name="Search"), TeamFactory(org=org, name="Ads")
     month = months_ago(1)
-    record(org, at(month), 2_000_000_000, team=search)
-    record(org, at(month), 30_000_000, team=ads)
-    record(org, at(month), 5)
+    record_usage(org, at(month), 2_000_000_000, team=search)
+    record_usage(org, at(month), 30_000_000, team=ads)
+    record_usage(org, at(month), 5)
     close(org, month)
     client = viewer(org, Membership.Role.ADMIN)
 
@@ -195,11 +181,11 @@ def test_chargeback_view_shows_one_teams_lines() -> None:
 def test_late_usage_is_previewed_on_the_oldest_open_month_only() -> None:
     org = OrganizationFactory(slug="pending")
     closed, previous, current = months_ago(2), months_ago(1), months_ago(0)
-    record(org, at(closed), 1_000)
+    record_usage(org, at(closed), 1_000)
     close(org, closed)
-    record(org, at(closed, 20), 300)  # late: billed when `previous` closes
-    record(org, at(previous), 40_000_000)
-    record(org, at(current, 1), 2_000_000, priced=False, model="mystery")
+    record_usage(org, at(closed, 20), 300)  # late: billed when `previous` closes
+    record_usage(org, at(previous), 40_000_000)
+    record_usage(org, at(current, 1), 2_000_000, priced=False, model="mystery")
     client = viewer(org)
 
     response = client.get(url(previous), {"org": "pending"})
@@ -229,7 +215,7 @@ def test_late_usage_is_previewed_on_the_oldest_open_month_only() -> None:
 def test_the_period_and_closing_time_follow_the_statements_time_zone() -> None:
     org = OrganizationFactory(slug="nyc", time_zone="America/New_York")
     month = months_ago(1)
-    record(org, at(month), 1)
+    record_usage(org, at(month), 1)
     statement_close(
         org=org, month=month, now=datetime.combine(months_ago(0), time(12), UTC), grace=GRACE
     )
@@ -243,7 +229,7 @@ def test_roles_and_months_without_a_statement() -> None:
     org = OrganizationFactory(slug="roles")
     other = OrganizationFactory(slug="other")
     month = months_ago(1)
-    record(other, at(month), 10**9)
+    record_usage(other, at(month), 10**9)
     close(other, month)
     for role in (Membership.Role.OWNER, Membership.Role.ADMIN, Membership.Role.FINANCE):
         assert viewer(org, role).get("/dashboard/statements/", {"org": "roles"}).status_code == 200
