@@ -1,9 +1,14 @@
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from billing.alerts import alert_channel_create, alert_channel_secret_rotate
 from billing.models import (
+    Alert,
+    AlertChannel,
+    AlertDelivery,
     ModelPrice,
     ReconciliationRun,
     RollupState,
@@ -14,6 +19,7 @@ from billing.models import (
     UsageTagRollup,
 )
 from tenants.admin import ReadOnlyAdmin
+from tenants.services import Actor
 
 
 @admin.register(ModelPrice)
@@ -107,3 +113,90 @@ class StatementAdmin(ReadOnlyAdmin):
     list_display = ["org", "month", "total_nanos", "closed_at"]
     list_filter = ["org"]
     inlines = [StatementLineInline]
+
+
+def _actor(request: HttpRequest) -> Actor:
+    return Actor(user=request.user, ip_address=request.META.get("REMOTE_ADDR"))  # type: ignore[arg-type]
+
+
+def _show_secret_once(request: HttpRequest, channel: AlertChannel, secret: str) -> None:
+    messages.warning(
+        request,
+        f"Signing secret of {channel.name!r} (shown only now, copy it to the receiver): {secret}",
+    )
+
+
+@admin.register(AlertChannel)
+class AlertChannelAdmin(admin.ModelAdmin):
+    """Webhook signing secrets are write-only: shown once when created or rotated."""
+
+    list_display = [
+        "name", "org", "kind", "notify_threshold", "notify_exhausted", "notify_spike", "enabled",
+        "created_at",
+    ]  # fmt: skip
+    list_filter = ["org", "kind", "enabled"]
+    search_fields = ["name"]
+    fields = [
+        "org", "name", "kind", "url", "recipients", "notify_threshold", "notify_exhausted",
+        "notify_spike", "enabled", "has_secret", "created_at",
+    ]  # fmt: skip
+    readonly_fields = ["has_secret", "created_at"]
+    actions = ["rotate_secrets"]
+
+    @admin.display(boolean=True, description="signing secret set")
+    def has_secret(self, channel: AlertChannel) -> bool:
+        return channel.has_secret
+
+    def save_model(self, request: HttpRequest, obj: AlertChannel, form: Any, change: bool) -> None:
+        if not change:
+            secret = alert_channel_create(channel=obj, actor=_actor(request))
+            if secret:
+                _show_secret_once(request, obj, secret)
+            return
+        super().save_model(request, obj, form, change)
+        if obj.kind == AlertChannel.Kind.WEBHOOK and not obj.has_secret:
+            # An e-mail channel turned webhook: it needs a secret to sign with.
+            secret = alert_channel_secret_rotate(channel=obj, actor=_actor(request))
+            _show_secret_once(request, obj, secret)
+
+    @admin.action(description="Rotate the signing secret of selected webhooks")
+    def rotate_secrets(self, request: HttpRequest, queryset: QuerySet[AlertChannel]) -> None:
+        for channel in queryset.filter(kind=AlertChannel.Kind.WEBHOOK):
+            secret = alert_channel_secret_rotate(channel=channel, actor=_actor(request))
+            _show_secret_once(request, channel, secret)
+
+
+class AlertDeliveryInline(admin.TabularInline):
+    model = AlertDelivery
+    can_delete = False
+    extra = 0
+    fields = [
+        "channel", "status", "attempts", "response_status", "last_error", "next_attempt_at",
+        "delivered_at",
+    ]  # fmt: skip
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    """Every alert, as recorded: once per threshold per period (or per org per hour)."""
+
+    list_display = ["created_at", "org", "kind", "budget", "period_id", "threshold", "message"]
+    list_filter = ["kind", "org"]
+    search_fields = ["message", "period_id"]
+    date_hierarchy = "created_at"
+    list_select_related = ["org", "budget", "budget__org"]
+    inlines = [AlertDeliveryInline]
+
+
+@admin.register(AlertDelivery)
+class AlertDeliveryAdmin(ReadOnlyAdmin):
+    list_display = [
+        "created_at", "alert", "channel", "status", "attempts", "response_status",
+        "last_error", "next_attempt_at", "delivered_at",
+    ]  # fmt: skip
+    list_filter = ["status", "channel__kind"]
+    list_select_related = ["alert", "channel"]

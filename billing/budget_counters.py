@@ -7,6 +7,13 @@ cost, atomically across all lines, so concurrent requests can never overspend a
 hard limit; `settle` replaces the hold with the actual cost. A hold whose request
 crashed expires after its TTL and is released by the next operation on that line.
 
+The same operation takes the request's rate-limit charges: token buckets
+(requests or tokens per minute, for a key, team or org) that refill
+continuously. A reserve admits the request only if every budget and every
+bucket has room, and then takes from all of them at once; settle gives back
+the tokens a request was charged but did not use. So the hot path makes one
+round trip before the upstream call and one after, whatever limits apply.
+
 Two implementations with the same semantics (one contract test suite):
 `RedisBudgetCounters` (shared by every web replica: one Lua script, one round trip
 per operation) and `InProcessBudgetCounters` (the embedded default).
@@ -28,9 +35,11 @@ amounts are checked against that bound.
 
 import abc
 import enum
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -85,6 +94,63 @@ class LineSpend:
     line: BudgetLine
     settled_nanos: int | None
     reserved_nanos: int
+    # A request was refused on this line during its period (read by `spent` only).
+    refused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateBucket:
+    """A per-minute limit as a token bucket: `capacity` a minute, refilled continuously.
+
+    `name` identifies the limited thing, e.g. "key:12:requests". A bucket nobody
+    took from lately is full.
+    """
+
+    name: str
+    capacity: int
+
+    def __post_init__(self) -> None:
+        if self.capacity <= 0:
+            raise ValueError(f"capacity must be positive: {self.capacity}")
+
+    @property
+    def refill_per_s(self) -> float:
+        return self.capacity / 60
+
+    @property
+    def redis_key(self) -> str:
+        return f"tollgate:rate:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """Units (requests or tokens) to take from a bucket; at settle, units to give back."""
+
+    bucket: RateBucket
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketLevel:
+    """What a bucket held at one moment (negative after an under-estimate)."""
+
+    bucket: RateBucket
+    level: float
+    amount: int = 0  # what the request took, or (refused) wanted
+
+    @property
+    def remaining(self) -> int:
+        return max(0, math.floor(self.level))
+
+    @property
+    def full_in_s(self) -> float:
+        """Seconds until the bucket is full again."""
+        return max(0.0, (self.bucket.capacity - self.level) / self.bucket.refill_per_s)
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds until the bucket could give `amount`."""
+        return max(0.0, (self.amount - self.level) / self.bucket.refill_per_s)
 
 
 class ReserveStatus(enum.Enum):
@@ -92,6 +158,7 @@ class ReserveStatus(enum.Enum):
     EXCEEDED = "exceeded"  # a hard line has no room: nothing reserved
     MISSING = "missing"  # some counters are absent: seed them, then reserve again
     ALREADY_HELD = "already_held"  # this request id already holds its reservation
+    RATE_LIMITED = "rate_limited"  # a rate bucket is short: nothing reserved or taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +169,8 @@ class ReserveResult:
     # that had no room, with their totals before this request.
     spends: tuple[LineSpend, ...] = ()
     missing: tuple[BudgetLine, ...] = ()
+    # RESERVED: every bucket after taking; RATE_LIMITED: the short buckets, before.
+    levels: tuple[BucketLevel, ...] = ()
 
     @property
     def admitted(self) -> bool:
@@ -131,23 +200,35 @@ def _key_ttl_ms(line: BudgetLine, now: float) -> int:
 
 
 class BudgetCounters(abc.ABC):
-    """Atomic budget counters. Every operation is all-or-nothing across its lines."""
+    """Atomic budget counters and rate buckets. Every operation is all-or-nothing."""
 
     @abc.abstractmethod
     async def reserve(
-        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        amount_nanos: int,
+        ttl_s: float,
+        charges: Sequence[RateCharge] = (),
     ) -> ReserveResult:
-        """Hold `amount_nanos` on every line if every hard line has room, else hold nothing.
+        """Hold `amount_nanos` on every line and take every charge, if all have room.
 
-        Room means settled + reserved + amount <= limit. Soft lines never refuse.
+        Room means settled + reserved + amount <= limit on every hard line (soft
+        lines never refuse), and at least the charge in every bucket. Otherwise
+        nothing is held or taken; a refusing line remembers it was refused.
         The hold expires `ttl_s` seconds from now unless settled before.
         """
 
     @abc.abstractmethod
     async def settle(
-        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        actual_nanos: int,
+        refunds: Sequence[RateCharge] = (),
     ) -> SettleResult:
-        """Release the request's hold and add `actual_nanos` (in full) to each line's settled.
+        """Release the request's hold, add `actual_nanos` (in full) to each line's settled,
+        and give each refund back to its bucket (never above capacity).
 
         Give the lines the request reserved on. An unknown or expired hold still
         records the cost; settling the same request again changes nothing.
@@ -155,7 +236,12 @@ class BudgetCounters(abc.ABC):
 
     @abc.abstractmethod
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
-        """Each line's settled and reserved totals (expired holds released first)."""
+        """Each line's settled and reserved totals and whether it refused a request
+        this period (expired holds released first)."""
+
+    @abc.abstractmethod
+    async def rate_levels(self, buckets: Sequence[RateBucket]) -> tuple[BucketLevel, ...]:
+        """What each bucket holds now, taking nothing."""
 
     @abc.abstractmethod
     async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
@@ -173,20 +259,39 @@ def _spends(lines: Sequence[BudgetLine], flat: Sequence[int]) -> tuple[LineSpend
     )
 
 
+def _check_charges(charges: Sequence[RateCharge], *, taking: bool) -> None:
+    for charge in charges:
+        if taking and charge.amount < 0:
+            raise ValueError(f"A rate charge takes a positive amount: {charge}")
+        if abs(charge.amount) >= MAX_NANOS:
+            raise ValueError(f"A rate charge must stay below 2**53: {charge}")
+
+
+@asynccontextmanager
+async def redis_budget_counters(redis_url: str) -> AsyncIterator["RedisBudgetCounters"]:
+    """Counters on a Redis client of their own, closed afterwards (for Celery tasks)."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield RedisBudgetCounters(client)
+    finally:
+        await client.aclose()
+
+
 class RedisBudgetCounters(BudgetCounters):
     """Counters shared through Redis: each operation is one EVALSHA of one script.
 
     redis-py's registered script runs EVALSHA and loads the script once when
     Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH). All of a request's
-    lines must live on one Redis (no cluster sharding). Redis errors propagate:
-    the caller decides whether to fail open or closed. Configure Redis with a
-    `noeviction` policy: an evicted settled counter reads as missing and is
+    lines and buckets must live on one Redis (no cluster sharding). Redis errors
+    propagate: the caller decides whether to fail open or closed. Configure Redis
+    with a `noeviction` policy: an evicted settled counter reads as missing and is
     re-seeded from the ledger, which can lag by the requests in flight.
 
-    Keys: `tollgate:budget:{budget_id}:{period_id}:settled|reserved|holds|amounts`,
-    expiring KEY_GRACE_S after the period ends (never for lifetime), and
+    Keys: `tollgate:budget:{budget_id}:{period_id}:settled|reserved|holds|amounts|refused`,
+    expiring KEY_GRACE_S after the period ends (never for lifetime);
     `tollgate:budget:settle:{request_id}`, which remembers a settle for
-    SETTLE_MEMORY_S. Hold deadlines and key TTLs are measured on `clock`.
+    SETTLE_MEMORY_S; `tollgate:rate:{bucket}`, dropped once the bucket is full
+    again. Hold deadlines, bucket refills and key TTLs are measured on `clock`.
     """
 
     def __init__(self, client: Redis, *, clock: Clock = time.time) -> None:
@@ -201,28 +306,39 @@ class RedisBudgetCounters(BudgetCounters):
         request_id: str = "",
         nanos: int = 0,
         hold_ttl_s: float = 0,
+        buckets: Sequence[RateCharge] = (),
     ) -> list[int]:
         now = self._clock()
         keys = [f"tollgate:budget:settle:{request_id}"]
         args: list[str | int | float] = [op, request_id, now, len(lines), nanos, hold_ttl_s]
-        args.append(SETTLE_MEMORY_S)
+        args += [SETTLE_MEMORY_S, len(buckets)]
         for line in lines:
             prefix = line.key_prefix
             keys += [f"{prefix}:settled", f"{prefix}:reserved", f"{prefix}:holds"]
-            keys.append(f"{prefix}:amounts")
+            keys += [f"{prefix}:amounts", f"{prefix}:refused"]
             args += [line.limit_nanos, int(line.hard), _key_ttl_ms(line, now)]
+        for charge in buckets:
+            keys.append(charge.bucket.redis_key)
+            args += [charge.bucket.capacity, charge.bucket.refill_per_s, charge.amount]
         reply: list[int] = await self._script(keys=keys, args=args)
         return reply
 
     async def reserve(
-        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        amount_nanos: int,
+        ttl_s: float,
+        charges: Sequence[RateCharge] = (),
     ) -> ReserveResult:
         _check_nanos("amount_nanos", amount_nanos)
-        if not lines:
+        _check_charges(charges, taking=True)
+        if not lines and not charges:
             return ReserveResult(ReserveStatus.RESERVED, amount_nanos)
         reply = await self._run(
-            "reserve", lines, request_id=request_id, nanos=amount_nanos, hold_ttl_s=ttl_s
-        )
+            "reserve", lines, request_id=request_id, nanos=amount_nanos, hold_ttl_s=ttl_s,
+            buckets=charges,
+        )  # fmt: skip
         code, rest = int(reply[0]), reply[1:]
         if code == 2:
             missing = tuple(lines[int(i) - 1] for i in rest)
@@ -233,14 +349,36 @@ class RedisBudgetCounters(BudgetCounters):
                 for j in range(0, len(rest), 3)
             )
             return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
+        if code == 4:
+            short = tuple(
+                BucketLevel(
+                    charges[int(rest[j]) - 1].bucket,
+                    int(rest[j + 1]) / 1000,
+                    charges[int(rest[j]) - 1].amount,
+                )  # fmt: skip
+                for j in range(0, len(rest), 2)
+            )
+            return ReserveResult(ReserveStatus.RATE_LIMITED, amount_nanos, levels=short)
         status = ReserveStatus.RESERVED if code == 0 else ReserveStatus.ALREADY_HELD
-        return ReserveResult(status, amount_nanos, spends=_spends(lines, rest))
+        flat = rest[: 2 * len(lines)]
+        levels = tuple(
+            BucketLevel(charge.bucket, int(milli) / 1000, charge.amount)
+            for charge, milli in zip(charges, rest[2 * len(lines) :], strict=False)
+        )
+        return ReserveResult(status, amount_nanos, spends=_spends(lines, flat), levels=levels)
 
     async def settle(
-        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        actual_nanos: int,
+        refunds: Sequence[RateCharge] = (),
     ) -> SettleResult:
         _check_nanos("actual_nanos", actual_nanos)
-        reply = await self._run("settle", lines, request_id=request_id, nanos=actual_nanos)
+        _check_charges(refunds, taking=False)
+        reply = await self._run(
+            "settle", lines, request_id=request_id, nanos=actual_nanos, buckets=refunds
+        )
         if int(reply[0]) == 3:
             return SettleResult(applied=False)
         missing = tuple(lines[int(i) - 1] for i in reply[2:])
@@ -249,7 +387,26 @@ class RedisBudgetCounters(BudgetCounters):
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
         if not lines:
             return ()
-        return _spends(lines, (await self._run("spent", lines))[1:])
+        flat = (await self._run("spent", lines))[1:]
+        return tuple(
+            LineSpend(
+                line,
+                None if flat[3 * i] < 0 else int(flat[3 * i]),
+                int(flat[3 * i + 1]),
+                refused=bool(flat[3 * i + 2]),
+            )
+            for i, line in enumerate(lines)
+        )
+
+    async def rate_levels(self, buckets: Sequence[RateBucket]) -> tuple[BucketLevel, ...]:
+        if not buckets:
+            return ()
+        charges = [RateCharge(bucket, 0) for bucket in buckets]
+        flat = (await self._run("levels", [], buckets=charges))[1:]
+        return tuple(
+            BucketLevel(bucket, int(milli) / 1000)
+            for bucket, milli in zip(buckets, flat, strict=True)
+        )
 
     async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
         _check_nanos("settled_nanos", settled_nanos)
@@ -262,6 +419,7 @@ class _Counter:
     reserved: int = 0
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (nanos, deadline)
     expires_at: float | None = None  # the period ended (plus grace): forget the counter
+    refused: bool = False
 
 
 class InProcessBudgetCounters(BudgetCounters):
@@ -276,6 +434,7 @@ class InProcessBudgetCounters(BudgetCounters):
     def __init__(self, *, clock: Clock = time.time) -> None:
         self._clock = clock
         self._counters: dict[tuple[int, str], _Counter] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (level, at)
         self._settled_requests: OrderedDict[str, float] = OrderedDict()  # id -> forget at
         self._next_sweep_at = 0.0
 
@@ -291,6 +450,16 @@ class InProcessBudgetCounters(BudgetCounters):
             self._release(counter, rid)
         return counter
 
+    def _level(self, bucket: RateBucket, now: float) -> float:
+        level, at = self._buckets.get(bucket.name, (bucket.capacity, now))
+        return min(bucket.capacity, level + max(0.0, now - at) * bucket.refill_per_s)
+
+    def _store_level(self, bucket: RateBucket, level: float, now: float) -> None:
+        if level >= bucket.capacity:
+            self._buckets.pop(bucket.name, None)  # full: nothing to remember
+        else:
+            self._buckets[bucket.name] = (level, now)
+
     @staticmethod
     def _release(counter: _Counter, request_id: str) -> int:
         amount, _ = counter.holds.pop(request_id, (0, 0.0))
@@ -303,7 +472,7 @@ class InProcessBudgetCounters(BudgetCounters):
         counter.expires_at = now + ttl_ms / 1000 if ttl_ms else None
 
     def _sweep(self, now: float) -> None:
-        """Forget old settle markers and ended periods (at most once a minute)."""
+        """Forget old settle markers, ended periods and full buckets (at most once a minute)."""
         while self._settled_requests:
             request_id, forget_at = next(iter(self._settled_requests.items()))
             if forget_at > now:
@@ -315,11 +484,21 @@ class InProcessBudgetCounters(BudgetCounters):
         for key, counter in list(self._counters.items()):
             if counter.expires_at is not None and counter.expires_at <= now:
                 del self._counters[key]
+        # A bucket untouched for a minute has refilled whatever it lent.
+        for name, (_, at) in list(self._buckets.items()):
+            if now - at > 60:
+                del self._buckets[name]
 
     async def reserve(
-        self, request_id: str, lines: Sequence[BudgetLine], amount_nanos: int, ttl_s: float
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        amount_nanos: int,
+        ttl_s: float,
+        charges: Sequence[RateCharge] = (),
     ) -> ReserveResult:
         _check_nanos("amount_nanos", amount_nanos)
+        _check_charges(charges, taking=True)
         now = self._clock()
         self._sweep(now)
         counters = [self._counter(line, now) for line in lines]
@@ -330,25 +509,39 @@ class InProcessBudgetCounters(BudgetCounters):
             return ReserveResult(
                 ReserveStatus.ALREADY_HELD, amount_nanos, spends=self._spends(lines, counters)
             )
-        exceeded = tuple(
-            LineSpend(line, c.settled, c.reserved)
-            for line, c in zip(lines, counters, strict=True)
-            if line.hard and (c.settled or 0) + c.reserved + amount_nanos > line.limit_nanos
-        )
+        exceeded = []
+        for line, c in zip(lines, counters, strict=True):
+            if line.hard and (c.settled or 0) + c.reserved + amount_nanos > line.limit_nanos:
+                exceeded.append(LineSpend(line, c.settled, c.reserved))
+                c.refused = True
         if exceeded:
-            return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
+            return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=tuple(exceeded))
+        levels = [BucketLevel(c.bucket, self._level(c.bucket, now), c.amount) for c in charges]
+        short = tuple(level for level in levels if level.level < level.amount)
+        if short:
+            return ReserveResult(ReserveStatus.RATE_LIMITED, amount_nanos, levels=short)
         for line, counter in zip(lines, counters, strict=True):
             counter.reserved += amount_nanos
             counter.holds[request_id] = (amount_nanos, now + ttl_s)
             self._keep_until(counter, line, now)
+        taken = []
+        for level in levels:
+            self._store_level(level.bucket, level.level - level.amount, now)
+            taken.append(BucketLevel(level.bucket, level.level - level.amount, level.amount))
         return ReserveResult(
-            ReserveStatus.RESERVED, amount_nanos, spends=self._spends(lines, counters)
-        )
+            ReserveStatus.RESERVED, amount_nanos, spends=self._spends(lines, counters),
+            levels=tuple(taken),
+        )  # fmt: skip
 
     async def settle(
-        self, request_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+        self,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        actual_nanos: int,
+        refunds: Sequence[RateCharge] = (),
     ) -> SettleResult:
         _check_nanos("actual_nanos", actual_nanos)
+        _check_charges(refunds, taking=False)
         now = self._clock()
         self._sweep(now)
         if request_id in self._settled_requests:
@@ -362,11 +555,23 @@ class InProcessBudgetCounters(BudgetCounters):
                 missing.append(line)
             else:
                 counter.settled += actual_nanos
+        for refund in refunds:
+            if refund.amount:
+                level = min(refund.bucket.capacity, self._level(refund.bucket, now) + refund.amount)
+                self._store_level(refund.bucket, level, now)
         return SettleResult(applied=True, released_nanos=released, missing=tuple(missing))
 
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
         now = self._clock()
-        return self._spends(lines, [self._counter(line, now) for line in lines])
+        counters = [self._counter(line, now) for line in lines]
+        return tuple(
+            LineSpend(line, c.settled, c.reserved, refused=c.refused)
+            for line, c in zip(lines, counters, strict=True)
+        )
+
+    async def rate_levels(self, buckets: Sequence[RateBucket]) -> tuple[BucketLevel, ...]:
+        now = self._clock()
+        return tuple(BucketLevel(bucket, self._level(bucket, now)) for bucket in buckets)
 
     async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
         _check_nanos("settled_nanos", settled_nanos)

@@ -3,22 +3,31 @@
 Holds expire when `now` (the caller's clock) reaches their deadline; each
 operation first releases up to 100 expired holds on every line it touches.
 Numbers are Lua doubles: exact below 2**53, which the Python side enforces.
+Rate buckets hold a fractional level; replies carry it in thousandths, because
+Redis truncates Lua numbers to integers.
 """
 
 # One script for every operation, so each is one atomic round trip.
 # KEYS: [1] the request's settle marker, then per line: settled, reserved,
-#       holds (zset request -> deadline), amounts (hash request -> nanos).
+#       holds (zset request -> deadline), amounts (hash request -> nanos), refused
+#       (set when a request was refused), then per rate bucket its hash (level, ts).
 # ARGV: op, request id, now (s), line count, nanos, hold ttl (s), settle memory (s),
-#       then per line: limit, hard (1/0), key ttl in ms (0: forever).
+#       bucket count, then per line: limit, hard (1/0), key ttl in ms (0: forever),
+#       then per bucket: capacity, refill per second, amount (reserve: to take;
+#       settle: to give back, negative to take more).
 BUDGET_COUNTERS_LUA = """
 local op, rid, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local nanos = tonumber(ARGV[5])
+local nanos, m = tonumber(ARGV[5]), tonumber(ARGV[8])
 
 local function keys(i)
-  local k = 1 + (i - 1) * 4
-  return KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local k = 1 + (i - 1) * 5
+  return KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
 end
-local function arg(i, j) return ARGV[7 + (i - 1) * 3 + j] end
+local function arg(i, j) return ARGV[8 + (i - 1) * 3 + j] end
+local function bucket(j)
+  local a = 8 + n * 3 + (j - 1) * 3
+  return KEYS[1 + n * 5 + j], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+end
 
 local function release(reserved, holds, amounts, id)
   local amount = redis.call('HGET', amounts, id)
@@ -45,8 +54,25 @@ local function totals(i)
   return s and tonumber(s) or -1, tonumber(redis.call('GET', reserved) or 0)
 end
 
-local function every_line()
-  local out = {0}
+-- A bucket's level now: what it held, refilled since, never above capacity.
+local function level_of(j)
+  local key, capacity, rate = bucket(j)
+  local state = redis.call('HMGET', key, 'level', 'ts')
+  local level, ts = tonumber(state[1]), tonumber(state[2])
+  if not level then return capacity end
+  return math.min(capacity, level + math.max(0, now - ts) * rate)
+end
+
+local function store_level(j, level)
+  local key, capacity, rate = bucket(j)
+  if level >= capacity then redis.call('DEL', key); return end
+  redis.call('HSET', key, 'level', tostring(level), 'ts', tostring(now))
+  -- Forgotten once full again: a missing bucket reads as full.
+  redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate * 1000) + 1000)
+end
+
+local function every_line(code)
+  local out = {code}
   for i = 1, n do
     local s, r = totals(i)
     table.insert(out, s); table.insert(out, r)
@@ -62,18 +88,31 @@ if op == 'reserve' then
     if redis.call('EXISTS', settled) == 0 then table.insert(missing, i) end
   end
   if #missing > 1 then return missing end
-  local _, _, _, amounts = keys(1)
-  if redis.call('HEXISTS', amounts, rid) == 1 then
-    local out = every_line(); out[1] = 3; return out
+  if n > 0 then
+    local _, _, _, amounts = keys(1)
+    if redis.call('HEXISTS', amounts, rid) == 1 then return every_line(3) end
   end
   local exceeded = {1}
   for i = 1, n do
     local s, r = totals(i)
     if arg(i, 2) == '1' and s + r + nanos > tonumber(arg(i, 1)) then
       table.insert(exceeded, i); table.insert(exceeded, s); table.insert(exceeded, r)
+      local _, _, _, _, refused = keys(i)
+      redis.call('SET', refused, now)
+      local ttl = tonumber(arg(i, 3))
+      if ttl > 0 then redis.call('PEXPIRE', refused, ttl) end
     end
   end
   if #exceeded > 1 then return exceeded end
+  local levels, limited = {}, {4}
+  for j = 1, m do
+    local _, _, _, amount = bucket(j)
+    levels[j] = level_of(j)
+    if levels[j] < amount then
+      table.insert(limited, j); table.insert(limited, math.floor(levels[j] * 1000))
+    end
+  end
+  if #limited > 1 then return limited end
   local deadline = now + tonumber(ARGV[6])
   for i = 1, n do
     local _, reserved, holds, amounts = keys(i)
@@ -85,7 +124,13 @@ if op == 'reserve' then
       for _, key in ipairs({reserved, holds, amounts}) do redis.call('PEXPIRE', key, ttl) end
     end
   end
-  return every_line()
+  local out = every_line(0)
+  for j = 1, m do
+    local _, _, _, amount = bucket(j)
+    store_level(j, levels[j] - amount)
+    table.insert(out, math.floor((levels[j] - amount) * 1000))
+  end
+  return out
 elseif op == 'settle' then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[7]) then return {3} end
   local out = {0, 0}
@@ -99,10 +144,24 @@ elseif op == 'settle' then
       table.insert(out, i)
     end
   end
+  for j = 1, m do
+    local _, capacity, _, amount = bucket(j)
+    if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
+  end
   return out
 elseif op == 'spent' then
-  for i = 1, n do expire(i) end
-  return every_line()
+  local out = {0}
+  for i = 1, n do
+    expire(i)
+    local s, r = totals(i)
+    local _, _, _, _, refused = keys(i)
+    table.insert(out, s); table.insert(out, r); table.insert(out, redis.call('EXISTS', refused))
+  end
+  return out
+elseif op == 'levels' then
+  local out = {0}
+  for j = 1, m do table.insert(out, math.floor(level_of(j) * 1000)) end
+  return out
 elseif op == 'seed' then
   local settled = keys(1)
   local current = redis.call('GET', settled)

@@ -43,7 +43,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-async def _in_thread(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+async def in_thread(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run ORM code in a worker thread and hand its connection back afterwards.
 
     Callers are async and outside Django's request cycle, so nothing else would
@@ -106,7 +106,7 @@ async def abudget_counters_seed(*, counters: BudgetCounters, lines: Sequence[Bud
 
     Seeding never lowers a counter, so replicas seeding the same line at once agree.
     """
-    for line, nanos in await _in_thread(_ledger_figures, lines):
+    for line, nanos in await in_thread(_ledger_figures, lines):
         await counters.seed(line, nanos)
 
 
@@ -153,7 +153,7 @@ async def abudget_counters_reconcile(
     policy). Meant for a periodic task; it queries the DB once per budget.
     """
     at = at or timezone.now()
-    figures = await _in_thread(_current_figures, at, budget_ids)
+    figures = await in_thread(_current_figures, at, budget_ids)
     drifts = []
     for line, ledger_nanos in figures:
         (spend,) = await counters.spent([line])

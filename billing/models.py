@@ -1,10 +1,15 @@
 """Prices and the usage ledger. Money is integer nano-USD; rates are Decimal."""
 
 import uuid
+from urllib.parse import urlsplit
 
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db import models
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
+
+from tenants.crypto import decrypt_secret, encrypt_secret
 
 
 class ModelPrice(models.Model):
@@ -374,3 +379,158 @@ class StatementLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.statement} #{self.position} {self.model}"
+
+
+def validate_webhook_url(value: str) -> None:
+    """An http(s) URL without credentials: receivers authenticate us by the signature."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValidationError("Give an http:// or https:// URL.")
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError("The URL must not carry credentials: the signature proves us.")
+    if parts.fragment:
+        raise ValidationError("The URL must not have a fragment (#…).")
+
+
+def recipients_parse(value: str) -> list[str]:
+    """The addresses in a comma- (or newline-) separated list, blanks dropped."""
+    return [item.strip() for item in value.replace("\n", ",").split(",") if item.strip()]
+
+
+class AlertChannel(models.Model):
+    """Where an organization's alerts go: a signed webhook or e-mail recipients."""
+
+    class Kind(models.TextChoices):
+        WEBHOOK = "webhook", "Webhook (signed JSON POST)"
+        EMAIL = "email", "E-mail"
+
+    org = models.ForeignKey(
+        "tenants.Organization", on_delete=models.CASCADE, related_name="alert_channels"
+    )
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    url = models.CharField(
+        max_length=2000, blank=True, validators=[validate_webhook_url], help_text="Webhooks."
+    )
+    recipients = models.TextField(blank=True, help_text="E-mail: comma-separated addresses.")
+    # Fernet ciphertext of the webhook signing secret; read it through secret().
+    secret_encrypted = models.TextField(blank=True, editable=False)
+    notify_threshold = models.BooleanField("threshold reached", default=True)
+    notify_exhausted = models.BooleanField("budget exhausted", default=True)
+    notify_spike = models.BooleanField("spend spike", default=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["org", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_kind_display()})"
+
+    def clean(self) -> None:
+        if self.kind == self.Kind.WEBHOOK and not self.url:
+            raise ValidationError({"url": "A webhook needs a URL."})
+        if self.kind == self.Kind.EMAIL:
+            addresses = recipients_parse(self.recipients)
+            if not addresses:
+                raise ValidationError({"recipients": "Give at least one e-mail address."})
+            for address in addresses:
+                try:
+                    validate_email(address)
+                except ValidationError:
+                    raise ValidationError(
+                        {"recipients": f"{address!r} is not an e-mail address."}
+                    ) from None
+
+    def wants(self, kind: str) -> bool:
+        return bool(getattr(self, f"notify_{kind}", False))
+
+    def set_secret(self, plaintext: str) -> None:
+        self.secret_encrypted = encrypt_secret(plaintext) if plaintext else ""
+
+    def secret(self) -> str:
+        return decrypt_secret(self.secret_encrypted) if self.secret_encrypted else ""
+
+    @property
+    def has_secret(self) -> bool:
+        return bool(self.secret_encrypted)
+
+
+class Alert(models.Model):
+    """One alert, recorded once: what happened, and the payload every channel was sent.
+
+    The conditional unique constraints make "once per threshold per period" (and
+    "one spike alert per org per hour") exact even when two workers evaluate at once.
+    """
+
+    class Kind(models.TextChoices):
+        THRESHOLD = "threshold", "Budget threshold reached"
+        EXHAUSTED = "exhausted", "Budget exhausted"
+        SPIKE = "spike", "Spend spike"
+
+    org = models.ForeignKey("tenants.Organization", on_delete=models.CASCADE, related_name="alerts")
+    # Null for spikes; kept (as null) if the budget is deleted: the message says which it was.
+    budget = models.ForeignKey(
+        "tenants.Budget", on_delete=models.SET_NULL, null=True, blank=True, related_name="alerts"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The budget's period (`m2026-11`), or the UTC clock hour of a spike (`h2026-11-21T14`).
+    period_id = models.CharField(max_length=32)
+    # Percent of the limit for threshold alerts; 0 otherwise.
+    threshold = models.PositiveSmallIntegerField(default=0)
+    spend_nanos = models.BigIntegerField(default=0)
+    limit_nanos = models.BigIntegerField(default=0)
+    baseline_nanos = models.BigIntegerField(default=0)
+    message = models.TextField()
+    payload = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["org", "created_at"], name="alert_org_created")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["budget", "kind", "period_id", "threshold"],
+                condition=Q(budget__isnull=False),
+                name="alert_once_per_budget_period",
+            ),
+            models.UniqueConstraint(
+                fields=["org", "kind", "period_id"],
+                condition=Q(kind="spike"),
+                name="alert_spike_once_per_org_hour",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.period_id} ({self.org_id})"
+
+
+class AlertDelivery(models.Model):
+    """One alert to one channel: attempted until delivered or out of attempts."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed (gave up)"
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.ForeignKey(AlertChannel, on_delete=models.CASCADE, related_name="deliveries")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # When the next attempt is due (pending only); while one runs, the end of its lease.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # What went wrong last, in a few words: never a URL, secret or response body.
+    last_error = models.CharField(max_length=300, blank=True)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="alert_delivery_due")]
+        constraints = [
+            models.UniqueConstraint(fields=["alert", "channel"], name="alert_delivery_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"alert {self.alert_id} to channel {self.channel_id}: {self.status}"

@@ -1,6 +1,7 @@
 """Small typed readers for environment variables (settings are 12-factor)."""
 
 import os
+from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -60,3 +61,16 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     if raw is None:
         return list(default or [])
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_decimal(name: str, default: str, *, minimum: str = "0") -> Decimal:
+    """An exact decimal variable (money, ratios), at least `minimum`: never a float."""
+    raw = os.environ.get(name)
+    text = default if raw is None or raw.strip() == "" else raw.strip()
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{name} must be a decimal number, got {raw!r}.") from None
+    if not value.is_finite() or value < Decimal(minimum):
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {raw!r}.")
+    return value

@@ -98,6 +98,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Turns django-ratelimit's refusals (sign-in attempts) into 429 (RATELIMIT_VIEW).
+    "django_ratelimit.middleware.RatelimitMiddleware",
 ]
 
 ROOT_URLCONF = "gatewaysite.urls"
@@ -185,6 +187,9 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 RATELIMIT_USE_CACHE = "default"
+RATELIMIT_VIEW = "gatewaysite.views.rate_limited"
+# Management API calls per user (or client address before sign-in).
+TOLLGATE_API_RATE_LIMIT = env_str("TOLLGATE_API_RATE_LIMIT", "600/m")
 # Django's own RedisCache increments atomically, which is all django-ratelimit
 # needs; in the embedded default one process owns the local-memory cache.
 SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + (
@@ -222,8 +227,19 @@ if REDIS_URL:
 
 # Rollups (billing/rollup_tasks.py): rebuild buckets with new events every
 # minute, check them against the raw events daily, prune old raw events daily.
-CELERY_IMPORTS = ["billing.rollup_tasks", "billing.statement_tasks"]
+CELERY_IMPORTS = ["billing.rollup_tasks", "billing.statement_tasks", "billing.budget_tasks"]
 TOLLGATE_ROLLUP_SECONDS = env_float("TOLLGATE_ROLLUP_SECONDS", 60.0, minimum=1.0)
+# How often counters are checked against the ledger (seeded, or raised if behind).
+TOLLGATE_BUDGET_RECONCILE_SECONDS = env_float(
+    "TOLLGATE_BUDGET_RECONCILE_SECONDS", 300.0, minimum=1.0
+)
+if REDIS_URL:
+    # Budget counters live in Redis: seed the missing, raise those behind the ledger.
+    CELERY_BEAT_SCHEDULE["budget-counters-reconcile"] = {
+        "task": "billing.budget_counters_reconcile",
+        "schedule": TOLLGATE_BUDGET_RECONCILE_SECONDS,
+        "options": {"expires": TOLLGATE_BUDGET_RECONCILE_SECONDS * 0.9},
+    }
 CELERY_BEAT_SCHEDULE["rollups-refresh"] = {
     "task": "billing.rollups_refresh",
     "schedule": TOLLGATE_ROLLUP_SECONDS,
@@ -266,6 +282,8 @@ TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, mi
 TOLLGATE_USAGE_FLUSH_SECONDS = env_float("TOLLGATE_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
 TOLLGATE_USAGE_BATCH_SIZE = env_int("TOLLGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env_int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+# Redis connections per web process (counters, cache, health); requests queue for one.
+TOLLGATE_REDIS_MAX_CONNECTIONS = env_int("TOLLGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
 # Circuit breakers per deployment (shared through Redis when REDIS_URL is set).
 TOLLGATE_BREAKER_FAILURES = env_int("TOLLGATE_BREAKER_FAILURES", 5, minimum=1)
 TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(
@@ -276,10 +294,65 @@ TOLLGATE_USAGE_RETENTION_DAYS = env_int("TOLLGATE_USAGE_RETENTION_DAYS", 400, mi
 # A month's statement closes this long after the month ends (events still in flight);
 # later events of that month appear as adjustments on the next statement.
 TOLLGATE_STATEMENT_GRACE_HOURS = env_int("TOLLGATE_STATEMENT_GRACE_HOURS", 6, minimum=0)
+# Budgets and rate limits (billing/budget_counters.py). A request under a hard
+# budget that sets no output limit gets its route's, else this one, sent upstream.
+TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS = env_int("TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)
+# When the counters (Redis) cannot be reached: refuse requests of keys with
+# budgets or rate limits (503), or let them through unchecked.
+TOLLGATE_LIMITS_FAIL_OPEN = env_bool("TOLLGATE_LIMITS_FAIL_OPEN", False)
 # How fast least-latency routing forgets old measurements.
 TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
     "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1
 )
+
+# ---------------------------------------------------------------- Alerts
+
+# Budget thresholds, exhausted budgets and spend spikes (billing/alerts.py), sent
+# to each org's AlertChannels (signed webhooks, e-mail) by Celery with retries.
+from gatewaysite.env import env_decimal  # noqa: E402 (kept inside this block)
+
+TOLLGATE_ALERT_CHECK_SECONDS = env_float("TOLLGATE_ALERT_CHECK_SECONDS", 15.0, minimum=1.0)
+TOLLGATE_ALERT_MAX_ATTEMPTS = env_int("TOLLGATE_ALERT_MAX_ATTEMPTS", 8, minimum=1)
+# Delay before the 2nd attempt; each later one waits twice as long (at most an hour).
+TOLLGATE_ALERT_RETRY_BASE_SECONDS = env_float(
+    "TOLLGATE_ALERT_RETRY_BASE_SECONDS", 30.0, minimum=0.01
+)
+# A spike: the last 60 minutes cost at least MULTIPLIER x the mean hour of the
+# previous 7 days, and at least MIN_USD. Decimals, never floats, for money.
+TOLLGATE_SPIKE_MULTIPLIER = env_decimal("TOLLGATE_SPIKE_MULTIPLIER", "3", minimum="1")
+TOLLGATE_SPIKE_MIN_USD = env_decimal("TOLLGATE_SPIKE_MIN_USD", "1", minimum="0")
+# Webhooks to loopback, private, link-local or reserved addresses are refused
+# (server-side request forgery) unless this is on (local receivers, tests).
+TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS = env_bool(
+    "TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", default=False
+)
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_FILE_PATH = env_str("EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", default=False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10, minimum=1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Tollgate <tollgate@localhost>")
+CELERY_IMPORTS.append("billing.alert_tasks")
+if REDIS_URL:
+    # Reads the budget counters in Redis; the embedded default has no beat.
+    CELERY_BEAT_SCHEDULE["budget-alerts-check"] = {
+        "task": "billing.budget_alerts_check",
+        "schedule": TOLLGATE_ALERT_CHECK_SECONDS,
+        "options": {"expires": TOLLGATE_ALERT_CHECK_SECONDS * 0.9},
+    }
+CELERY_BEAT_SCHEDULE["spend-spikes-check"] = {
+    "task": "billing.spend_spikes_check",
+    "schedule": 300.0,
+    "options": {"expires": 270.0},
+}
+CELERY_BEAT_SCHEDULE["alert-deliveries-sweep"] = {
+    "task": "billing.alert_deliveries_sweep",
+    "schedule": 60.0,
+    "options": {"expires": 54.0},
+}
 
 # ---------------------------------------------------------------- Logging
 

@@ -3,7 +3,8 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from django_ratelimit.decorators import ratelimit
 
-# Brute-force guard on the admin sign-in (per client address).
+# Brute-force guard on the sign-in of the admin and the dashboard (per client
+# address): the 11th attempt in a minute gets 429 (gatewaysite.views.rate_limited).
 admin.site.login = ratelimit(key="ip", rate="10/m", method="POST", block=True)(  # type: ignore[method-assign]
     admin.site.login
 )

@@ -68,9 +68,9 @@ class RouteForm(forms.ModelForm):
         model = Route
         fields = [
             "org", "model_name", "strategy", "deployments", "fallback_models", "max_attempts",
-            "deadline_ms", "cache_ttl_seconds", "cache_hit_billing", "variant_deployment",
-            "variant_percent", "variant_sticky_by", "shadow_deployment", "shadow_percent",
-            "unsupported_params", "enabled",
+            "deadline_ms", "max_output_tokens", "cache_ttl_seconds", "cache_hit_billing",
+            "variant_deployment", "variant_percent", "variant_sticky_by", "shadow_deployment",
+            "shadow_percent", "unsupported_params", "enabled",
         ]  # fmt: skip
 
     def clean(self) -> dict[str, Any]:

@@ -1,14 +1,12 @@
 """Management API endpoints of routing (session-authenticated until API tokens exist)."""
 
 from django.http import Http404
-from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import PermissionDenied
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from routing.selectors import DeploymentHealthRow, deployment_health_list
+from tenants.api_base import ManagementAPIView
 from tenants.models import Membership, Organization
 from tenants.selectors import membership_role
 
@@ -42,11 +40,8 @@ def _health_json(row: DeploymentHealthRow) -> dict[str, object]:
     }
 
 
-class DeploymentHealthView(APIView):
+class DeploymentHealthView(ManagementAPIView):
     """GET /api/v1/deployments/health/?org=<slug>: circuit state and load of every deployment."""
-
-    authentication_classes = [SessionAuthentication]
-    permission_classes = [IsAuthenticated]
 
     def get(self, request: Request) -> Response:
         org = Organization.objects.filter(slug=request.query_params.get("org", "")).first()

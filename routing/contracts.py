@@ -48,6 +48,7 @@ class RoutePlan:
     variant_sticky_by: str = "key"  # or "user"
     shadow: DeploymentSpec | None = None  # shadow traffic
     shadow_percent: int = 0
+    max_output_tokens: int | None = None  # sent and reserved under a hard budget
 
 
 @dataclass(frozen=True, slots=True)

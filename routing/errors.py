@@ -138,6 +138,14 @@ class LimitExceeded(GatewayError):
     default_code = "rate_limit_exceeded"
 
 
+class LimitsUnavailable(GatewayError):
+    """The budget and rate counters cannot be reached, and the gateway fails closed."""
+
+    status = 503
+    error_type = "api_error"
+    default_code = "limits_unavailable"
+
+
 class NoDeploymentAvailable(GatewayError):
     status = 503
     error_type = "api_error"

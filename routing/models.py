@@ -167,6 +167,14 @@ class Route(models.Model):
     deadline_ms = models.PositiveIntegerField(
         default=120_000, help_text="No new attempt (retry or fallback) starts after this."
     )
+    # A request under a hard budget must have a bounded cost: when the client
+    # sets no output limit, this one is sent upstream and reserved.
+    max_output_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Output tokens allowed when a request under a hard budget sets none "
+        "(blank: TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS).",
+    )
 
     class CacheBilling(models.TextChoices):
         FREE = "free", "Cache hits cost nothing"

@@ -98,6 +98,7 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
             unsupported_params=route.unsupported_params,
             fallback_models=tuple(route.fallback_models or ()),
             max_attempts=route.max_attempts,
+            max_output_tokens=route.max_output_tokens,
             deadline_s=route.deadline_ms / 1000,
             cache_ttl_s=route.cache_ttl_seconds,
             cache_hits_billed=route.cache_hit_billing == Route.CacheBilling.FULL,

@@ -56,8 +56,8 @@ class VirtualKeyAdmin(admin.ModelAdmin):
     search_fields = ["name", "prefix"]
     readonly_fields = ["prefix", "last_used_at", "revoked_at", "created_at", "updated_at"]
     fields = [
-        "org", "team", "owner", "name", "allowed_models", "expires_at", "metadata",
-        "prefix", "last_used_at", "revoked_at", "created_at", "updated_at",
+        "org", "team", "owner", "name", "allowed_models", "expires_at", "rpm_limit", "tpm_limit",
+        "metadata", "prefix", "last_used_at", "revoked_at", "created_at", "updated_at",
     ]  # fmt: skip
     actions = ["revoke_keys"]
 
@@ -76,6 +76,8 @@ class VirtualKeyAdmin(admin.ModelAdmin):
             allowed_models=obj.allowed_models,
             expires_at=obj.expires_at,
             metadata=obj.metadata,
+            rpm_limit=obj.rpm_limit,
+            tpm_limit=obj.tpm_limit,
             actor=_actor(request),
         )
         obj.pk, obj.prefix = issued.key.pk, issued.key.prefix

@@ -5,6 +5,31 @@ from datetime import datetime
 
 
 @dataclass(frozen=True, slots=True)
+class ScopeLimits:
+    """Per-minute limits of the key, its team or its org (None: no limit)."""
+
+    scope: str  # "key", "team" or "org"
+    scope_id: int
+    label: str  # for people: "key 'ci' (tgk_ab12)", "team 'search'"
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSpec:
+    """A budget that applies to a key's requests (its org's, its team's or its own)."""
+
+    budget_id: int
+    scope: str  # "org", "team" or "key"
+    label: str  # for people: "Team 'search' monthly budget"
+    period: str
+    time_zone: str  # the org's: periods are calendar periods there
+    limit_nanos: int
+    hard: bool
+    created_at: datetime  # a lifetime budget's burn rate counts from here
+
+
+@dataclass(frozen=True, slots=True)
 class KeyContext:
     """An active virtual key as the proxy sees it."""
 
@@ -18,6 +43,10 @@ class KeyContext:
     # Empty means every model the org can reach.
     allowed_models: frozenset[str]
     expires_at: datetime | None
+    # Rate limits of the key, its team and its org, those that set any.
+    limits: tuple[ScopeLimits, ...] = ()
+    # Every budget its requests count against; all must hold.
+    budgets: tuple[BudgetSpec, ...] = ()
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

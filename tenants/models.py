@@ -5,6 +5,7 @@ import zoneinfo
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -16,7 +17,27 @@ def validate_time_zone(value: str) -> None:
         raise ValidationError(f"{value!r} is not a known IANA time zone.")
 
 
-class Organization(models.Model):
+class RateLimited(models.Model):
+    """Per-minute rate limits (blank: none), enforced exactly across replicas."""
+
+    rpm_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Requests per minute (blank: no limit).",
+    )
+    tpm_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Tokens per minute (blank: no limit).",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class Organization(RateLimited):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
@@ -30,7 +51,7 @@ class Organization(models.Model):
         return self.name
 
 
-class Team(models.Model):
+class Team(RateLimited):
     org = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="teams")
     slug = models.SlugField(max_length=64)
     name = models.CharField(max_length=200)
@@ -90,7 +111,7 @@ class VirtualKeyQuerySet(models.QuerySet["VirtualKey"]):
         )
 
 
-class VirtualKey(models.Model):
+class VirtualKey(RateLimited):
     org = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="keys")
     team = models.ForeignKey(
         Team, on_delete=models.PROTECT, null=True, blank=True, related_name="keys"

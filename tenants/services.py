@@ -125,6 +125,8 @@ def virtual_key_issue(
     allowed_models: Sequence[str] = (),
     expires_at: datetime | None = None,
     metadata: dict[str, Any] | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
 ) -> IssuedKey:
     """Create an active key; the plaintext is returned here and nowhere else."""
     generated = generate_key()
@@ -138,6 +140,8 @@ def virtual_key_issue(
         allowed_models=sorted(set(allowed_models)),
         expires_at=expires_at,
         metadata=metadata or {},
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
     )
     key.full_clean()
     key.save()
@@ -152,6 +156,8 @@ def virtual_key_issue(
             "team": team.slug if team else None,
             "allowed_models": key.allowed_models,
             "expires_at": expires_at.isoformat() if expires_at else None,
+            "rpm_limit": rpm_limit,
+            "tpm_limit": tpm_limit,
         },
     )
     return IssuedKey(key=key, plaintext=generated.plaintext)

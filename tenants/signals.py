@@ -29,6 +29,6 @@ def watch_relation(through: type[Model]) -> None:
 
 
 def connect() -> None:
-    from tenants.models import Organization, Team, VirtualKey
+    from tenants.models import Budget, Organization, Team, VirtualKey
 
-    watch(Organization, Team, VirtualKey)
+    watch(Organization, Team, VirtualKey, Budget)

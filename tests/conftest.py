@@ -10,6 +10,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import redis
+from django.conf import settings
 
 from billing.models import ModelPrice
 from routing.models import Deployment, Provider, Route
@@ -26,6 +28,20 @@ from tests.support.gateway import (
 from tests.support.processes import mock_provider
 
 TEST_ACTOR = Actor.system("tests")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_counters() -> None:
+    """Forget budget counters and rate buckets of earlier sessions: the test database
+    is new, so its budget ids are reused and would find their old counters."""
+    if not settings.REDIS_URL:
+        return
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for pattern in ("tollgate:budget:*", "tollgate:rate:*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ ENDPOINTS: dict[str, dict[str, Endpoint]] = {
     "/v1/embeddings": {"POST": endpoints.embeddings},
     "/v1/models": {"GET": endpoints.list_models},
     "/v1/messages": {"POST": endpoints.messages},
+    "/v1/key/info": {"GET": endpoints.key_info},
 }
 # Endpoints in Anthropic's format answer errors in Anthropic's shape.
 ANTHROPIC_FORMAT_PATHS = frozenset({"/v1/messages"})

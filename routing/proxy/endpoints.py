@@ -7,21 +7,34 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from django.conf import settings
+from redis.exceptions import RedisError
 
 from billing.models import UsageEvent
 from routing.cache import CachedReply, cache_key, stream_from_completion
 from routing.contracts import ChatRequest, DeploymentSpec, RoutePlan
-from routing.errors import GatewayError, NotFound
+from routing.errors import GatewayError, LimitsUnavailable, NotFound
 from routing.formats.anthropic_messages import MessagesStreamTranslator, message_from_completion
 from routing.providers import adapter_for
 from routing.providers.base import ProviderAdapter, UpstreamReply, UpstreamStream
 from routing.proxy.failover import Demand, serve_with_failover
 from routing.proxy.http import ProxyRequest, Response, StreamingResponse
+from routing.proxy.limits import (
+    HOLD_MARGIN_S,
+    admit,
+    budget_lines,
+    deployment_max_cost,
+    has_hard_budget,
+    hold_ttl_s,
+    key_limits_report,
+    max_cost_nanos,
+    rate_charges,
+)
 from routing.proxy.metering import Meter
 from routing.proxy.runtime import ProxyRuntime
 from routing.proxy.steps import (
@@ -35,7 +48,12 @@ from routing.proxy.steps import (
     resolve_route,
 )
 from routing.snapshot import ConfigSnapshot
-from routing.tokens import estimate_input_tokens, estimate_prompt_tokens
+from routing.tokens import (
+    estimate_input_tokens,
+    estimate_prompt_tokens,
+    input_tokens_ceiling,
+    prompt_tokens_ceiling,
+)
 from tenants.contracts import KeyContext
 
 Outcome = UsageEvent.Outcome
@@ -55,6 +73,7 @@ def _authenticated(
         snapshot=snapshot,
         sink=runtime.usage,
         health=runtime.health,
+        settle_later=runtime.settle_later,
     )
     try:
         meter.tags, meter.end_user = parse_attribution(request)
@@ -64,21 +83,88 @@ def _authenticated(
     return snapshot, key, meter
 
 
+async def _admit(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    meter: Meter, *, input_ceiling: Callable[[], int], output_tokens: int,
+    estimate: Callable[[], int],
+) -> None:  # fmt: skip
+    """Take the request's rate limits and reserve its largest cost on its budgets, or 429."""
+    plan = meter.route
+    assert plan is not None
+    lines = budget_lines(key.budgets, request.started_at) if key.budgets else []
+    amount = 0
+    if lines:
+        amount = max_cost_nanos(
+            plan, snapshot, org_id=key.org_id, input_tokens=input_ceiling(),
+            output_tokens=output_tokens, at=request.started_at,
+        )  # fmt: skip
+    meter.admission = await admit(
+        counters=runtime.counters,
+        key=key,
+        request_id=request.request_id,
+        lines=lines,
+        amount_nanos=amount,
+        ttl_s=hold_ttl_s(plan, snapshot, key.org_id),
+        charges=rate_charges(key, estimate),
+        fail_open=settings.TOLLGATE_LIMITS_FAIL_OPEN,
+    )
+
+
+def _asked_output(payload: dict[str, Any]) -> int | None:
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return asked if isinstance(asked, int) else None
+
+
+def _bounded_output(chat: ChatRequest, key: KeyContext, plan: RoutePlan) -> tuple[ChatRequest, int]:
+    """The request with an output limit if it needs one, and its most output tokens.
+
+    Under a hard budget a request's cost must be bounded: one that sets no limit
+    gets the route's (or the default) sent upstream, and reserved.
+    """
+    choices = chat.payload.get("n") if isinstance(chat.payload.get("n"), int) else 1
+    asked = _asked_output(chat.payload)
+    if asked is not None:
+        return chat, asked * choices
+    cap = plan.max_output_tokens or settings.TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS
+    if has_hard_budget(key):
+        chat = dataclasses.replace(chat, payload={**chat.payload, "max_tokens": cap})
+    return chat, cap * choices
+
+
+async def _admit_chat(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    meter: Meter, chat: ChatRequest,
+) -> ChatRequest:  # fmt: skip
+    """Admit a chat request (see `_admit`); it may come back with an output limit added."""
+    if not key.budgets and not key.limits:
+        return chat
+    assert meter.route is not None
+    chat, output_tokens = _bounded_output(chat, key, meter.route)
+    payload = chat.payload
+    await _admit(
+        request, runtime, snapshot, key, meter,
+        input_ceiling=lambda: prompt_tokens_ceiling(payload),
+        output_tokens=output_tokens,
+        estimate=lambda: estimate_prompt_tokens(payload) + (_asked_output(payload) or 0),
+    )  # fmt: skip
+    return chat
+
+
 def _demand(payload: dict[str, Any]) -> Demand:
-    max_output = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return Demand(
-        estimate=lambda: estimate_prompt_tokens(payload),
-        max_output_tokens=max_output if isinstance(max_output, int) else None,
+        estimate=lambda: estimate_prompt_tokens(payload), max_output_tokens=_asked_output(payload)
     )
 
 
 def _served_headers(request: ProxyRequest, meter: Meter) -> dict[str, str]:
-    """Which deployment answered, after how many upstream calls, and the request id."""
+    """Which deployment answered, after how many upstream calls, the request id and
+    the rate limits left."""
     assert meter.deployment is not None
     return {
         "x-request-id": request.request_id,
         "x-tollgate-deployment": meter.deployment.name,
         "x-tollgate-attempts": str(meter.attempts),
+        **(meter.admission.headers if meter.admission else {}),
     }
 
 
@@ -109,12 +195,13 @@ async def _cache_lookup(
     return CacheLookup("miss", entry_key, None)
 
 
-def _hit_headers(request: ProxyRequest, hit: CachedReply) -> dict[str, str]:
+def _hit_headers(request: ProxyRequest, hit: CachedReply, meter: Meter) -> dict[str, str]:
     return {
         "x-request-id": request.request_id,
         "x-tollgate-cache": "hit",
         "x-tollgate-deployment": hit.deployment_name,
         "x-tollgate-attempts": "0",
+        **(meter.admission.headers if meter.admission else {}),
     }
 
 
@@ -198,13 +285,31 @@ async def _shadow_call(
     )  # fmt: skip
     meter = Meter(
         request=mirrored, key=key, endpoint=f"{primary.endpoint}.shadow", snapshot=snapshot,
-        sink=runtime.usage, health=runtime.health,
+        sink=runtime.usage, health=runtime.health, settle_later=runtime.settle_later,
     )  # fmt: skip
     meter.model, meter.route = chat.model, plan
     meter.tags, meter.end_user = primary.tags, primary.end_user
-    meter.serving(shadow)
     # Always a complete answer: nobody reads a shadow stream.
     payload = {k: v for k, v in chat.payload.items() if k not in ("stream", "stream_options")}
+    if key.budgets:
+        # Shadow traffic spends the same budgets, so it is reserved like any request;
+        # a mirror that does not fit is not sent (and costs nothing).
+        try:
+            meter.admission = await admit(
+                counters=runtime.counters, key=key, request_id=mirrored.request_id,
+                lines=budget_lines(key.budgets, mirrored.started_at),
+                amount_nanos=deployment_max_cost(
+                    shadow, snapshot, org_id=key.org_id,
+                    input_tokens=prompt_tokens_ceiling(payload),
+                    output_tokens=_asked_output(payload) or 0, at=mirrored.started_at,
+                ),
+                ttl_s=plan.deadline_s + shadow.total_timeout_s + HOLD_MARGIN_S, charges=(),
+                fail_open=False,
+            )  # fmt: skip
+        except GatewayError as exc:
+            logger.info("Shadow call to %s skipped: %s", shadow.name, exc.code)
+            return
+    meter.serving(shadow)
     plain = ChatRequest(model=chat.model, payload=payload, stream=False, include_usage=False)
     try:
         adapter = adapter_for(runtime.adapters, shadow.provider_kind)
@@ -235,14 +340,17 @@ async def chat_completions(
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.end_user = end_user_of(chat.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, chat.model)
+        chat = await _admit_chat(request, runtime, snapshot, key, meter, chat)
         cache = await _cache_lookup(request, runtime, key, meter, chat)
         if (hit := cache.hit) is not None:
             if not chat.stream:
-                return Response(status=200, body=hit.body, headers=_hit_headers(request, hit))
+                return Response(
+                    status=200, body=hit.body, headers=_hit_headers(request, hit, meter)
+                )
             replay = stream_from_completion(hit.body, include_usage=chat.include_usage)
             return StreamingResponse(
                 status=200, first_chunk=replay, chunks=_nothing_more(),
-                headers=_hit_headers(request, hit),
+                headers=_hit_headers(request, hit, meter),
             )  # fmt: skip
         served = await _serve_chat(request, runtime, snapshot, key, meter, chat)
     except GatewayError as exc:
@@ -307,9 +415,10 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
         meter.model, meter.is_stream = chat.model, chat.stream
         meter.end_user = end_user_of(chat.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, chat.model)
+        chat = await _admit_chat(request, runtime, snapshot, key, meter, chat)
         cache = await _cache_lookup(request, runtime, key, meter, chat)
         if (hit := cache.hit) is not None:
-            headers = _hit_headers(request, hit)
+            headers = _hit_headers(request, hit, meter)
             if not chat.stream:
                 body = message_from_completion(hit.body, hit.usage)
                 return Response(status=200, body=body, headers=headers)
@@ -365,6 +474,14 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
         meter.model = embedding_request.model
         meter.end_user = end_user_of(embedding_request.payload, meter.end_user)
         meter.route = resolve_route(snapshot, key, embedding_request.model)
+        if key.budgets or key.limits:
+            embedded = embedding_request.payload.get("input")
+            await _admit(
+                request, runtime, snapshot, key, meter,
+                input_ceiling=lambda: input_tokens_ceiling(embedded),
+                output_tokens=0,
+                estimate=lambda: estimate_input_tokens(embedded),
+            )  # fmt: skip
 
         async def attempt(deployment: DeploymentSpec, adapter: ProviderAdapter) -> UpstreamReply:
             return await adapter.embeddings(
@@ -420,3 +537,21 @@ async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: st
     meter.record(outcome=Outcome.SUCCESS, status_code=200)
     body = orjson.dumps(_model_object(plan, key))
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})
+
+
+async def key_info(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
+    """GET /v1/key/info: the calling key's own limits, budgets left and reset times."""
+    _, key, meter = _authenticated(request, runtime, "key.info")
+    try:
+        report = await key_limits_report(runtime.counters, key, request.started_at)
+    except (RedisError, OSError) as exc:
+        failure = LimitsUnavailable(
+            "Budgets and rate limits cannot be read right now; retry shortly.",
+            headers={"retry-after": "1"},
+        )
+        meter.record_failure(failure)
+        raise failure from exc
+    meter.record(outcome=Outcome.SUCCESS, status_code=200)
+    return Response(
+        status=200, body=orjson.dumps(report), headers={"x-request-id": request.request_id}
+    )

@@ -1,7 +1,9 @@
 """Settling a request into exactly one usage event."""
 
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from billing.contracts import TokenUsage, UsageRecord
 from billing.models import UsageEvent
@@ -11,6 +13,7 @@ from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, LimitExceeded, UpstreamError
 from routing.health import DeploymentHealth
 from routing.proxy.http import ProxyRequest
+from routing.proxy.limits import Admission
 from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
 
@@ -24,8 +27,16 @@ def outcome_of(exc: GatewayError) -> str:
     return UsageEvent.Outcome.CLIENT_ERROR
 
 
+Background = Callable[[Coroutine[Any, Any, None]], None]
+
+
 class Meter:
-    """What one authenticated request did; `record` emits its usage event once."""
+    """What one authenticated request did; `record` emits its usage event once.
+
+    A request admitted on budgets or rate limits is settled on them first, in
+    the background (`settle_later`), and its event emitted after: the ledger
+    never gets ahead of the counters, which reconciliation relies on.
+    """
 
     def __init__(
         self,
@@ -35,6 +46,7 @@ class Meter:
         endpoint: str,
         snapshot: ConfigSnapshot,
         sink: UsageSink,
+        settle_later: Background,
         health: DeploymentHealth | None = None,
     ) -> None:
         self._request = request
@@ -42,7 +54,9 @@ class Meter:
         self._snapshot = snapshot
         self._sink = sink
         self._health = health  # hears the tokens each deployment used, for TPM limits
+        self._settle_later = settle_later
         self._recorded = False
+        self.admission: Admission | None = None
         self.endpoint = endpoint
         self.model = ""
         self.is_stream = False
@@ -108,34 +122,45 @@ class Meter:
                 priced = False  # flagged for finance, never silently free
             else:
                 price_id, cost = rates.price_id, cost_nanos(usage=usage, rates=rates)
-        self._sink.add(
-            UsageRecord(
-                event_id=self._request.event_id,
-                org_id=self._key.org_id,
-                team_id=self._key.team_id,
-                key_id=self._key.key_id,
-                endpoint=self.endpoint,
-                model=self.model,
-                outcome=outcome,
-                status_code=status_code,
-                started_at=self._request.started_at,
-                finished_at=datetime.now(UTC),
-                route_id=self.route.route_id if self.route else None,
-                deployment_id=deployment.deployment_id if deployment else None,
-                deployment_name=deployment.name if deployment else "",
-                provider_kind=deployment.provider_kind if deployment else "",
-                upstream_model=deployment.upstream_model if deployment else "",
-                usage=usage,
-                cost_nanos=cost,
-                price_id=price_id,
-                priced=priced,
-                error_class=error_class,
-                cache_hit=self.cache_hit,
-                attempts=self.attempts,
-                is_stream=self.is_stream,
-                latency_ms=self._request.elapsed_ms(),
-                ttft_ms=self.ttft_ms,
-                tags=self.tags,
-                end_user=self.end_user,
-            )
+        record = UsageRecord(
+            event_id=self._request.event_id,
+            org_id=self._key.org_id,
+            team_id=self._key.team_id,
+            key_id=self._key.key_id,
+            endpoint=self.endpoint,
+            model=self.model,
+            outcome=outcome,
+            status_code=status_code,
+            started_at=self._request.started_at,
+            finished_at=datetime.now(UTC),
+            route_id=self.route.route_id if self.route else None,
+            deployment_id=deployment.deployment_id if deployment else None,
+            deployment_name=deployment.name if deployment else "",
+            provider_kind=deployment.provider_kind if deployment else "",
+            upstream_model=deployment.upstream_model if deployment else "",
+            usage=usage,
+            cost_nanos=cost,
+            price_id=price_id,
+            priced=priced,
+            error_class=error_class,
+            cache_hit=self.cache_hit,
+            attempts=self.attempts,
+            is_stream=self.is_stream,
+            latency_ms=self._request.elapsed_ms(),
+            ttft_ms=self.ttft_ms,
+            tags=self.tags,
+            end_user=self.end_user,
         )
+        if self.admission is None:
+            self._sink.add(record)
+            return
+        self._settle_later(self._settle_then_emit(self.admission, record))
+
+    async def _settle_then_emit(self, admission: Admission, record: UsageRecord) -> None:
+        usage = record.usage
+        try:
+            await admission.settle(
+                cost_nanos=record.cost_nanos, tokens_used=usage.input_tokens + usage.output_tokens
+            )
+        finally:
+            self._sink.add(record)

@@ -12,9 +12,13 @@ from typing import Any, TypeVar
 import aiohttp
 from django.conf import settings
 from django.db import connections
-from redis.asyncio import Redis
+from django.utils import timezone
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from billing.alerts import abudget_alerts_check, alert_deliveries_run_due, spend_spikes_detect
+from billing.budget_counters import BudgetCounters, InProcessBudgetCounters, RedisBudgetCounters
+from billing.budget_ledger import abudget_counters_reconcile
 from billing.ingest import UsageBuffer
 from billing.schedule import EMBEDDED_JOBS
 from billing.stream import UsageSink, UsageStreamProducer
@@ -34,6 +38,12 @@ T = TypeVar("T")
 
 # Replicas see each other's circuit openings within about this long.
 _HEALTH_SYNC_SECONDS = 1.0
+# How often the embedded default looks for spend spikes (beat's schedule too).
+_SPIKE_CHECK_SECONDS = 300.0
+# Longest wait for a free Redis connection before a request fails.
+_REDIS_POOL_WAIT_S = 5.0
+# Longest wait at shutdown for requests settling on their budgets.
+_SETTLE_AT_STOP_S = 10.0
 
 
 def _closing_connections(function: Callable[[], T]) -> Callable[[], T]:
@@ -65,6 +75,9 @@ class ProxyRuntime:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()
+        # Budgets and rate limits: shared through Redis, else this process's own.
+        self.counters: BudgetCounters = InProcessBudgetCounters()
         self.usage: UsageSink
         if settings.REDIS_URL:
             # To the Redis Stream that Celery drains; spooled to disk while Redis is away.
@@ -99,12 +112,21 @@ class ProxyRuntime:
         ]
         shared: SharedHealth | None = None
         if settings.REDIS_URL:
-            self._redis = Redis.from_url(settings.REDIS_URL)
+            # Requests wait for a free connection rather than fail when all are busy.
+            self._redis = Redis(
+                connection_pool=BlockingConnectionPool.from_url(
+                    settings.REDIS_URL,
+                    max_connections=settings.TOLLGATE_REDIS_MAX_CONNECTIONS,
+                    timeout=_REDIS_POOL_WAIT_S,
+                )
+            )
             self.cache = RedisResponseCache(self._redis)
+            self.counters = RedisBudgetCounters(self._redis)
             shared = SharedHealth(self._redis, policy=self.health.policy)
         else:
             # No Celery beat in the embedded default: this process runs its jobs.
             self._tasks.append(asyncio.create_task(self._run_jobs(), name="tollgate-jobs"))
+            self._tasks.append(asyncio.create_task(self._watch_budgets(), name="tollgate-budgets"))
         self._tasks.append(asyncio.create_task(self._watch_health(shared), name="tollgate-health"))
         logger.info(
             "Proxy ready: %d keys, %d routes",
@@ -118,8 +140,17 @@ class ProxyRuntime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def settle_later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Settle a finished request on its budgets in the background; awaited at shutdown."""
+        task = asyncio.create_task(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     async def stop(self) -> None:
-        """Stop the loops, write every pending usage event, close the pool."""
+        """Stop the loops, settle and write every pending usage event, close the pool."""
+        if self._settling:
+            # Each settles its request, then queues its usage event: let them finish.
+            await asyncio.wait(set(self._settling), timeout=_SETTLE_AT_STOP_S)
         for task in [*self._tasks, *self._background]:
             task.cancel()
         for task in [*self._tasks, *self._background]:
@@ -167,6 +198,38 @@ class ProxyRuntime:
                 except Exception:
                     logger.exception("Periodic job %r failed; it runs again later", job.name)
             await asyncio.sleep(max(0.0, min(next_at.values()) - time.monotonic()))
+
+    async def _watch_budgets(self) -> None:
+        """Embedded default: what beat runs against Redis, here against this process's
+        counters: budget alerts and their deliveries, spend spikes, and keeping the
+        counters in line with the ledger."""
+        jobs = (
+            (settings.TOLLGATE_ALERT_CHECK_SECONDS, "budget alerts", self._alerts_check),
+            (_SPIKE_CHECK_SECONDS, "spend spikes", self._spikes_check),
+            (settings.TOLLGATE_BUDGET_RECONCILE_SECONDS, "budget reconcile", self._reconcile),
+        )
+        next_at = {name: time.monotonic() + every_s for every_s, name, _ in jobs}
+        while True:
+            await asyncio.sleep(max(0.0, min(next_at.values()) - time.monotonic()))
+            for every_s, name, job in jobs:
+                if time.monotonic() < next_at[name]:
+                    continue
+                next_at[name] = time.monotonic() + every_s
+                try:
+                    await job()
+                except Exception:
+                    logger.exception("Periodic job %r failed; it runs again later", name)
+
+    async def _alerts_check(self) -> None:
+        await abudget_alerts_check(counters=self.counters, at=timezone.now())
+        # Webhooks and e-mail wait on the network: not in the database thread.
+        await asyncio.to_thread(_closing_connections(alert_deliveries_run_due))
+
+    async def _spikes_check(self) -> None:
+        await self.run_in_database_thread(lambda: spend_spikes_detect(at=timezone.now()))
+
+    async def _reconcile(self) -> None:
+        await abudget_counters_reconcile(counters=self.counters)
 
     async def _follow_configuration(self) -> None:
         """Reload the snapshot whenever the configuration revision changes."""

@@ -13,7 +13,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_asyncio
 
-from billing.budget_counters import KEY_GRACE_S, ReserveResult, ReserveStatus
+from billing.budget_counters import (
+    KEY_GRACE_S,
+    RateBucket,
+    RateCharge,
+    ReserveResult,
+    ReserveStatus,
+)
 from tests.support.budgets import HARNESS_KINDS, Harness, budget_harness, line
 
 pytestmark = pytest.mark.asyncio
@@ -282,3 +288,85 @@ async def test_reservation_never_overspends_under_concurrency(harness: Harness) 
             (key_then,) = result.spends  # the soft org budget never refuses
             assert key_then.line == key
             assert key_then.settled_nanos + key_then.reserved_nanos + max_cost > limit
+
+
+# Rate buckets: taken in the same operation as the budgets.
+
+
+async def test_a_request_bucket_admits_its_capacity_then_refills_continuously(
+    harness: Harness,
+) -> None:
+    per_minute = RateBucket("key:1:requests", 6)  # one back every 10 s
+    taken = [
+        await harness.counters.reserve(
+            f"r{i}", [], 0, ttl_s=60, charges=[RateCharge(per_minute, 1)]
+        )
+        for i in range(6)
+    ]
+    assert [result.levels[0].remaining for result in taken] == [5, 4, 3, 2, 1, 0]
+    assert taken[-1].levels[0].full_in_s == pytest.approx(60)
+
+    refused = await harness.other.reserve(
+        "r6", [], 0, ttl_s=60, charges=[RateCharge(per_minute, 1)]
+    )
+    assert refused.status is ReserveStatus.RATE_LIMITED and not refused.admitted
+    assert refused.levels[0].wait_s == pytest.approx(10)
+
+    harness.clock.advance(9.9)
+    assert not (
+        await harness.counters.reserve("r7", [], 0, 60, [RateCharge(per_minute, 1)])
+    ).admitted
+    harness.clock.advance(0.1)
+    assert (await harness.counters.reserve("r8", [], 0, 60, [RateCharge(per_minute, 1)])).admitted
+    harness.clock.advance(3600)  # a bucket never holds more than its capacity
+    (level,) = await harness.other.rate_levels([per_minute])
+    assert level.remaining == 6 and level.full_in_s == 0
+
+
+async def test_a_short_bucket_refuses_and_then_nothing_is_held_or_taken(harness: Harness) -> None:
+    budget = line(1, 1_000)
+    await seed_zero(harness, budget)
+    requests = RateBucket("team:1:requests", 100)
+    tokens = RateBucket("team:1:tokens", 50)
+    charges = [RateCharge(requests, 1), RateCharge(tokens, 40)]
+    assert (await harness.counters.reserve("r1", [budget], 10, 60, charges)).admitted
+    refused = await harness.counters.reserve("r2", [budget], 10, 60, charges)
+    assert refused.status is ReserveStatus.RATE_LIMITED
+    assert [(level.bucket, level.amount) for level in refused.levels] == [(tokens, 40)]
+    assert await totals(harness, budget) == [(0, 10)]  # only r1's hold
+    levels = await harness.counters.rate_levels([requests, tokens])
+    assert [level.remaining for level in levels] == [99, 10]
+
+
+async def test_a_budget_refusal_takes_nothing_from_the_buckets(harness: Harness) -> None:
+    budget = line(1, 100)
+    await seed_zero(harness, budget)
+    requests = RateBucket("key:2:requests", 10)
+    refused = await harness.counters.reserve("r1", [budget], 101, 60, [RateCharge(requests, 1)])
+    assert refused.status is ReserveStatus.EXCEEDED
+    (level,) = await harness.counters.rate_levels([requests])
+    assert level.remaining == 10
+
+
+async def test_settling_gives_back_unused_tokens_and_takes_an_overrun(harness: Harness) -> None:
+    tokens = RateBucket("org:1:tokens", 1_000)
+    await harness.counters.reserve("r1", [], 0, 60, [RateCharge(tokens, 300)])
+    await harness.counters.reserve("r2", [], 0, 60, [RateCharge(tokens, 300)])
+    await harness.other.settle("r1", [], 0, refunds=[RateCharge(tokens, 300 - 120)])
+    await harness.other.settle("r1", [], 0, refunds=[RateCharge(tokens, 180)])  # once only
+    (level,) = await harness.counters.rate_levels([tokens])
+    assert level.remaining == 1_000 - 120 - 300
+    await harness.other.settle("r2", [], 0, refunds=[RateCharge(tokens, 300 - 900)])
+    (level,) = await harness.counters.rate_levels([tokens])
+    assert level.level == pytest.approx(1_000 - 120 - 900)  # used more than estimated
+
+
+async def test_a_refusing_line_remembers_it_for_its_period(harness: Harness) -> None:
+    hard, soft = line(1, 100), line(2, 100, hard=False)
+    await seed_zero(harness, hard, soft)
+    assert [spend.refused for spend in await harness.counters.spent([hard, soft])] == [False, False]
+    await harness.counters.reserve("r1", [hard, soft], 500, ttl_s=60)
+    assert [spend.refused for spend in await harness.other.spent([hard, soft])] == [True, False]
+    next_month = line(1, 100, at=datetime(2025, 7, 1, tzinfo=UTC))
+    await seed_zero(harness, next_month)
+    assert not (await harness.counters.spent([next_month]))[0].refused

@@ -23,7 +23,7 @@ from billing.budget_counters import (
 )
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
-COUNTER_KEYS = "tollgate:budget:*"
+COUNTER_KEYS = ("tollgate:budget:*", "tollgate:rate:*")
 START = datetime(2025, 6, 15, 12, tzinfo=UTC)
 
 HARNESS_KINDS = [
@@ -72,7 +72,9 @@ class Harness:
 
 
 async def _delete_counter_keys(client: redis.asyncio.Redis) -> None:
-    keys = [key async for key in client.scan_iter(match=COUNTER_KEYS, count=1000)]
+    keys = [
+        key for pattern in COUNTER_KEYS async for key in client.scan_iter(match=pattern, count=1000)
+    ]
     if keys:
         await client.delete(*keys)
 

@@ -24,6 +24,11 @@ T = TypeVar("T")
 TEST_MAX_REQUEST_BYTES = 256 * 1024
 TEST_BREAKER_FAILURES = 3
 TEST_BREAKER_COOLDOWN_S = 1.5
+# Budget alerts checked every second, to webhook receivers the tests run on 127.0.0.1.
+ALERTS_ENV = {
+    "TOLLGATE_ALERT_CHECK_SECONDS": "1",
+    "TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
         "TOLLGATE_BREAKER_FAILURES": str(TEST_BREAKER_FAILURES),
         "TOLLGATE_BREAKER_COOLDOWN_SECONDS": str(TEST_BREAKER_COOLDOWN_S),
         "TOLLGATE_LATENCY_HALF_LIFE_SECONDS": "2",
+        # The embedded default checks budget alerts itself; receivers run on loopback.
+        **ALERTS_ENV,
         **extra_env,
     }
     args = [
@@ -113,7 +120,10 @@ def usage_ingestion() -> Iterator[None]:
     stream = settings.TOLLGATE_USAGE_STREAM
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.delete(stream)  # entries of an earlier session point at rows that are gone
-    env = {**os.environ, **database_env(), "TOLLGATE_USAGE_DRAIN_SECONDS": "1"}
+    env = {
+        **os.environ, **database_env(), "TOLLGATE_USAGE_DRAIN_SECONDS": "1",
+        "TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tollgate-beat-") as beat_dir:
         worker_args = ["worker", "--beat", "--schedule", f"{beat_dir}/schedule",
                        "--concurrency", "1", "--loglevel", "WARNING"]  # fmt: skip

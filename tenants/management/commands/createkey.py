@@ -1,6 +1,7 @@
 """Issue a virtual key from the command line.
 
 python manage.py createkey --org SLUG --name NAME [--team SLUG] [--models a,b] [--expires-days N]
+    [--rpm N] [--tpm N]
 """
 
 from datetime import timedelta
@@ -23,6 +24,8 @@ class Command(BaseCommand):
         parser.add_argument("--team", help="team slug inside the organization")
         parser.add_argument("--models", default="", help="comma-separated allowed models")
         parser.add_argument("--expires-days", type=int, help="days until the key expires")
+        parser.add_argument("--rpm", type=int, help="requests per minute this key may make")
+        parser.add_argument("--tpm", type=int, help="tokens per minute this key may use")
 
     def handle(self, *args: Any, **options: Any) -> None:
         org = Organization.objects.filter(slug=options["org"]).first()
@@ -46,6 +49,8 @@ class Command(BaseCommand):
                 name=options["name"],
                 allowed_models=models,
                 expires_at=expires_at,
+                rpm_limit=options["rpm"],
+                tpm_limit=options["tpm"],
                 actor=Actor.system("cli"),
             )
         except ValidationError as exc:
