@@ -14,7 +14,7 @@ TEST_SECRETS := SECRET_KEY=tollgate-test-secret-key-0123456789abcdefghijklmnopqr
 	TOLLGATE_ENCRYPTION_KEYS=dGVzdC1vbmx5LWZlcm5ldC1rZXktMDEyMzQ1Njc4OWE= \
 	ALLOWED_HOSTS=127.0.0.1,localhost,testserver
 
-.PHONY: install run stack mock test lint test-postgres test-embedded clean
+.PHONY: install run stack mock test lint test-postgres test-embedded browser bench-dashboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,15 @@ stack: install
 mock: install
 	$(PY) -m routing.mockprovider --host 127.0.0.1 --port $(MOCK_PORT)
 
-test: install lint test-postgres test-embedded
+test: install browser lint test-postgres test-embedded
+
+# The dashboard's browser tests drive Debian's Chromium (Playwright's own download
+# cannot run here); install it once if it is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { echo "Installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -47,6 +55,10 @@ test-postgres: install
 test-embedded: install
 	env -u DATABASE_URL -u REDIS_URL -u SECRET_KEY -u TOLLGATE_ENCRYPTION_KEYS -u DEBUG \
 		$(PY) -m pytest $(PYTEST_ARGS)
+
+# Dashboard render times with a month of usage for 300 keys (PostgreSQL + Redis).
+bench-dashboard: install
+	$(PY) bench/dashboard_pages.py
 
 clean:
 	rm -rf $(VENV) var

@@ -516,14 +516,18 @@ def webhook_secret_generate() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
-def _channel_facts(channel: AlertChannel) -> dict[str, Any]:
-    # The URL may carry a receiver's token in its path: only its host is shown.
+def channel_facts(channel: AlertChannel) -> dict[str, Any]:
+    """What the audit log may show of a channel: the URL's host only (its path may carry
+    a receiver's token), never the secret."""
     return {
         "name": channel.name,
         "kind": channel.kind,
         "host": urlsplit(channel.url).hostname or "",
         "recipients": recipients_parse(channel.recipients),
         "enabled": channel.enabled,
+        "notify_threshold": channel.notify_threshold,
+        "notify_exhausted": channel.notify_exhausted,
+        "notify_spike": channel.notify_spike,
     }
 
 
@@ -539,7 +543,7 @@ def alert_channel_create(*, channel: AlertChannel, actor: Actor) -> str:
         org=channel.org,
         action="alert_channel.create",
         target=channel,
-        after=_channel_facts(channel),
+        after=channel_facts(channel),
     )
     return secret
 

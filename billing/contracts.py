@@ -41,6 +41,35 @@ class PriceRates:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamAttempt:
+    """One upstream call made for a request (a retry or a fallback is another one)."""
+
+    deployment_id: int
+    deployment_name: str
+    provider_kind: str
+    outcome: str  # a UsageEvent.Outcome value: how this call ended
+    status_code: int  # what the gateway made of it (502, 504, 429…; 200 when it answered)
+    error_class: str = ""
+    started_ms: int = 0  # after the request arrived
+    duration_ms: int = 0  # until it failed, or (the one that answered) until the request ended
+    ttfb_ms: int | None = None  # first byte relayed to the client, from this call's start
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedBodies:
+    """Request and response bodies of one request, kept only for orgs that turned it on.
+
+    Text capped at TOLLGATE_BODY_LOG_MAX_BYTES (UTF-8) each; never headers, never a key.
+    A stream's response is the raw server-sent events the gateway relayed.
+    """
+
+    request: str = ""
+    request_truncated: bool = False
+    response: str = ""
+    response_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One proxied request, as the proxy reports it for the ledger."""
 
@@ -72,3 +101,6 @@ class UsageRecord:
     # Attribution the client sent: validated tags, in order, and its own end-user id.
     tags: tuple[str, ...] = ()
     end_user: str = ""
+    # Every upstream call, in order; `attempts` is its length.
+    attempt_log: tuple[UpstreamAttempt, ...] = ()
+    bodies: LoggedBodies | None = None

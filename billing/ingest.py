@@ -17,8 +17,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, DateTimeField, Value, When
 from django.db.models.functions import Coalesce, Greatest
 
-from billing.contracts import UsageRecord
-from billing.models import UsageEvent
+from billing.contracts import UpstreamAttempt, UsageRecord
+from billing.live import usage_live_publish
+from billing.models import UsageEvent, UsageEventBody
 from tenants.models import VirtualKey
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,40 @@ def _event_from(record: UsageRecord) -> UsageEvent:
         ttft_ms=record.ttft_ms,
         tags=list(record.tags),
         end_user=record.end_user,
+        attempt_log=[_attempt_entry(attempt) for attempt in record.attempt_log],
         started_at=record.started_at,
         finished_at=record.finished_at,
     )
+
+
+def _attempt_entry(attempt: UpstreamAttempt) -> dict[str, object]:
+    return {
+        "deployment_id": attempt.deployment_id,
+        "deployment_name": attempt.deployment_name,
+        "provider_kind": attempt.provider_kind,
+        "outcome": attempt.outcome,
+        "status_code": attempt.status_code,
+        "error_class": attempt.error_class,
+        "started_ms": attempt.started_ms,
+        "duration_ms": attempt.duration_ms,
+        "ttfb_ms": attempt.ttfb_ms,
+    }
+
+
+def _bodies_from(records: Sequence[UsageRecord]) -> list[UsageEventBody]:
+    return [
+        UsageEventBody(
+            event_id=record.event_id,
+            org_id=record.org_id,
+            started_at=record.started_at,
+            request_body=record.bodies.request,
+            request_truncated=record.bodies.request_truncated,
+            response_body=record.bodies.response,
+            response_truncated=record.bodies.response_truncated,
+        )
+        for record in records
+        if record.bodies is not None
+    ]
 
 
 def usage_events_write(records: Sequence[UsageRecord]) -> None:
@@ -69,14 +101,32 @@ def usage_events_write(records: Sequence[UsageRecord]) -> None:
     if not records:
         return
     events = [_event_from(record) for record in records]
+    bodies = _bodies_from(records)
     try:
         with transaction.atomic():
             UsageEvent.objects.bulk_create(events, ignore_conflicts=True)
+            UsageEventBody.objects.bulk_create(bodies, ignore_conflicts=True)
     except IntegrityError:
         # A key or team deleted since the request: keep the event, drop the link.
         for event in events:
             _write_one_detached(event)
+        _bodies_write_kept(bodies)
     _keys_mark_used(records)
+    usage_live_publish(records)  # best effort, after the write: never raises
+
+
+def _bodies_write_kept(bodies: list[UsageEventBody]) -> None:
+    """Store the bodies whose events made it into the ledger (a dropped event's go too)."""
+    if not bodies:
+        return
+    stored = set(
+        UsageEvent.objects.filter(id__in=[body.event_id for body in bodies]).values_list(
+            "id", flat=True
+        )
+    )
+    kept = [body for body in bodies if body.event_id in stored]
+    with transaction.atomic():
+        UsageEventBody.objects.bulk_create(kept, ignore_conflicts=True)
 
 
 def _keys_mark_used(records: Sequence[UsageRecord]) -> None:

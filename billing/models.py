@@ -124,6 +124,8 @@ class UsageEvent(models.Model):
     # and the client's own end-user id (`user`, metadata.user_id or x-tollgate-user).
     tags = models.JSONField(default=list, blank=True)
     end_user = models.CharField(max_length=256, blank=True)
+    # Each upstream call in order (billing.contracts.UpstreamAttempt as a dict).
+    attempt_log = models.JSONField(default=list, blank=True)
     # The monthly statement that billed this event, set once when its month closed
     # (or, for a late event, when the next month closed). Null: not billed yet.
     statement = models.ForeignKey(
@@ -159,6 +161,31 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint} {self.model} {self.status_code} ({self.id})"
+
+
+class UsageEventBody(models.Model):
+    """The request and response bodies of one event, for orgs that log them.
+
+    Apart from the ledger so it stays lean; deleted with its event, or earlier
+    (TOLLGATE_BODY_LOG_RETENTION_DAYS). Never holds headers or keys.
+    """
+
+    event = models.OneToOneField(
+        UsageEvent, on_delete=models.CASCADE, primary_key=True, related_name="body"
+    )
+    org = models.ForeignKey("tenants.Organization", on_delete=models.CASCADE, related_name="+")
+    # The event's, copied so retention deletes by time without reading the ledger.
+    started_at = models.DateTimeField()
+    request_body = models.TextField(blank=True)
+    request_truncated = models.BooleanField(default=False)
+    response_body = models.TextField(blank=True)
+    response_truncated = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["started_at"], name="usage_body_started")]
+
+    def __str__(self) -> str:
+        return f"bodies of {self.event_id}"
 
 
 class RollupMeasures(models.Model):
@@ -467,6 +494,7 @@ class Alert(models.Model):
         THRESHOLD = "threshold", "Budget threshold reached"
         EXHAUSTED = "exhausted", "Budget exhausted"
         SPIKE = "spike", "Spend spike"
+        TEST = "test", "Test alert (sent from the settings page)"
 
     org = models.ForeignKey("tenants.Organization", on_delete=models.CASCADE, related_name="alerts")
     # Null for spikes; kept (as null) if the budget is deleted: the message says which it was.

@@ -192,7 +192,9 @@ class PruneResult:
 def _delete_in_batches(events: QuerySet[UsageEvent], batch_size: int) -> int:
     deleted = 0
     while ids := list(events.order_by().values_list("id", flat=True)[:batch_size]):
-        deleted += UsageEvent.objects.filter(id__in=ids).delete()[0]
+        # Logged bodies cascade with their events; count the events alone.
+        _, by_model = UsageEvent.objects.filter(id__in=ids).delete()
+        deleted += by_model.get(UsageEvent._meta.label, 0)
     return deleted
 
 

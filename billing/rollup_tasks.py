@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
+from billing.bodies import usage_bodies_prune
 from billing.reconciliation import rollups_reconcile_recent, usage_events_prune
 from billing.rollups import rollups_refresh
 
@@ -26,6 +27,13 @@ def rollups_reconcile_task() -> str:
 
 @shared_task(name="billing.usage_events_prune")
 def usage_events_prune_task() -> dict[str, Any]:
-    """Delete raw events past TOLLGATE_USAGE_RETENTION_DAYS whose days reconcile."""
+    """Delete logged bodies past their retention, then raw events past
+    TOLLGATE_USAGE_RETENTION_DAYS whose days reconcile (their bodies go with them)."""
+    bodies = usage_bodies_prune()
     result = usage_events_prune()
-    return {"days": result.days, "events": result.events, "blocked_on": str(result.blocked_on)}
+    return {
+        "days": result.days,
+        "events": result.events,
+        "blocked_on": str(result.blocked_on),
+        "bodies": bodies,
+    }

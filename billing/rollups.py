@@ -9,9 +9,10 @@ Day rows (UTC days) are sums of the day's hour rows.
 """
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import zip_longest
 from typing import Any
 
 from django.db import transaction
@@ -61,12 +62,13 @@ def histogram_bucket(value_ms: int) -> int:
     return low
 
 
-def histogram_merge(into: list[int], other: Iterable[int]) -> list[int]:
+def histogram_merge(into: list[int], other: Sequence[int]) -> list[int]:
     """Add `other`'s bucket counts into `into` (padding it as needed) and return it."""
+    if len(other) > len(into):
+        into.extend([0] * (len(other) - len(into)))
     for index, count in enumerate(other):
-        if index >= len(into):
-            into.extend([0] * (index + 1 - len(into)))
-        into[index] += count
+        if count:  # most buckets of a small rollup row are empty
+            into[index] += count
     return into
 
 
@@ -169,6 +171,46 @@ class Measures:
             "latency_histogram": self.latency_histogram,
             "ttft_histogram": self.ttft_histogram,
         }
+
+
+def histograms_sum(histograms: Sequence[Sequence[int]]) -> list[int]:
+    """Bucket-wise sum of many histograms at once: the columns are added in C, far
+    faster than merging thousands of rows one by one."""
+    return [sum(column) for column in zip_longest(*histograms, fillvalue=0)]
+
+
+@dataclass(slots=True)
+class MeasuresTotal:
+    """Many rows' measures added up (a page reading thousands of rollup rows): counters
+    as rows come, histograms kept aside and summed once, in `measures()`."""
+
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    latency: list[Sequence[int]] = field(default_factory=list)
+    ttft: list[Sequence[int]] = field(default_factory=list)
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """Add a rollup row as read with `.values(*COUNTERS, "errors_by_class", ...)`."""
+        counters = self.counters
+        for name in COUNTERS:
+            counters[name] += int(row[name] or 0)
+        for error_class, count in (row["errors_by_class"] or {}).items():
+            self.errors_by_class[error_class] = self.errors_by_class.get(error_class, 0) + count
+        if row["latency_histogram"]:
+            self.latency.append(row["latency_histogram"])
+        if row["ttft_histogram"]:
+            self.ttft.append(row["ttft_histogram"])
+
+    def add(self, measures: Measures) -> None:
+        self.add_row(measures.fields())
+
+    def measures(self) -> Measures:
+        return Measures(
+            counters=dict(self.counters),
+            errors_by_class=dict(self.errors_by_class),
+            latency_histogram=histograms_sum(self.latency),
+            ttft_histogram=histograms_sum(self.ttft),
+        )
 
 
 Groups = dict[tuple[Any, ...], Measures]

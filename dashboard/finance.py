@@ -17,10 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from asgiref.sync import sync_to_async
-from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict, StreamingHttpResponse
-from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import urlencode
@@ -35,9 +32,10 @@ from billing.selectors import (
     UsageSummary,
     first_unbilled_started_at,
     ledger_page,
+    spend_per_day,
     statements_list,
-    usage_breakdown,
     usage_by_end_user,
+    usage_report,
 )
 from billing.statements import (
     LineView,
@@ -46,11 +44,8 @@ from billing.statements import (
     next_month,
     statement_view,
 )
-from dashboard.views import _viewer_org
-from tenants.models import Membership, Organization
-from tenants.selectors import membership_role
-
-FINANCE_ROLES = {Membership.Role.OWNER, Membership.Role.ADMIN, Membership.Role.FINANCE}
+from dashboard.access import FINANCE_ROLES, Viewer, org_page, render_page
+from tenants.models import Organization
 
 # Group-by choices: the rollup breakdowns finance asks for, plus end users (raw events).
 GROUPS = {
@@ -73,14 +68,6 @@ _USD_EXACT = Decimal("0.000000001")
 
 class BadRequest(Exception):
     """Input the page cannot answer; the message says what to change."""
-
-
-def _finance_org(request: HttpRequest) -> tuple[list[Organization], Organization | None]:
-    """The viewer's org (404 if not theirs), refused (403) to roles without finance access."""
-    organizations, org = _viewer_org(request)
-    if org is not None and membership_role(user=request.user, org=org) not in FINANCE_ROLES:
-        raise PermissionDenied("Cost reports and statements are for owners, admins and finance.")
-    return organizations, org
 
 
 def _local_today(org: Organization) -> date:
@@ -257,12 +244,16 @@ class ReportRow:
         )
 
 
-def _report_rows(org: Organization, query: ReportQuery, *, limit: int) -> list[ReportRow]:
+def _report_rows(
+    org: Organization, query: ReportQuery, *, limit: int
+) -> tuple[list[ReportRow], ReportRow]:
+    """The report's rows and its total row (of all requests)."""
     if query.by != "end_user":
-        summaries = usage_breakdown(
+        summaries, total = usage_report(
             org_id=org.pk, since=query.since, until=query.until, by=query.by
         )
-        return [ReportRow.of(summary) for summary in summaries]
+        return [ReportRow.of(summary) for summary in summaries], ReportRow.of(total)
+    total = ReportRow.of(usage_report(org_id=org.pk, since=query.since, until=query.until)[1])
     users = usage_by_end_user(org_id=org.pk, since=query.since, until=query.until, limit=limit)
     return [
         ReportRow(
@@ -278,7 +269,7 @@ def _report_rows(org: Organization, query: ReportQuery, *, limit: int) -> list[R
             latency_p95_ms=None,
         )  # fmt: skip
         for user in users
-    ]
+    ], total
 
 
 def _report_filename(org: Organization, query: ReportQuery, what: str) -> str:
@@ -286,8 +277,7 @@ def _report_filename(org: Organization, query: ReportQuery, what: str) -> str:
 
 
 def _report_csv(org: Organization, query: ReportQuery) -> HttpResponse:
-    rows = _report_rows(org, query, limit=END_USERS_IN_CSV)
-    total = ReportRow.of(usage_breakdown(org_id=org.pk, since=query.since, until=query.until)[0])
+    rows, total = _report_rows(org, query, limit=END_USERS_IN_CSV)
     header = [
         query.by, "group_id", "requests", "errors", "input_tokens", "output_tokens",
         "cost_nanos", "cost_usd", "unpriced_requests", "latency_p50_ms", "latency_p95_ms",
@@ -312,6 +302,11 @@ def _report_csv(org: Organization, query: ReportQuery) -> HttpResponse:
     )
 
 
+def _share(part: int, whole: int) -> float:
+    """`part` as a percentage of `whole`, for the share bars (display only)."""
+    return round(100 * part / whole, 1) if whole > 0 else 0.0
+
+
 def _preset_links(org: Organization, by: str) -> list[tuple[str, str]]:
     today = _local_today(org)
     this_month = today.replace(day=1)
@@ -328,23 +323,26 @@ def _preset_links(org: Organization, by: str) -> list[tuple[str, str]]:
     ]
 
 
-@login_required
-def reports(request: HttpRequest) -> HttpResponse:
+finance_page = org_page(
+    FINANCE_ROLES, refusal="Cost reports and statements are for owners, admins and finance."
+)
+
+
+@finance_page
+def reports(request: HttpRequest, viewer: Viewer) -> HttpResponse:
     """Usage and cost of one org over any period, grouped; CSV of the table or the requests."""
-    organizations, org = _finance_org(request)
-    if org is None:
-        return render(request, "dashboard/no_organization.html")
+    org = viewer.org
     try:
         query = report_query(request.GET, org)
     except BadRequest as error:
         today = _local_today(org)
         context = {
-            "organizations": organizations, "org": org, "error": str(error), "groups": GROUPS,
+            "error": str(error), "groups": GROUPS,
             "since": request.GET.get("since", "")[:40] or today.replace(day=1),
             "until": request.GET.get("until", "")[:40] or today,
             "by": request.GET.get("by", "team"), "presets": _preset_links(org, "team"),
         }  # fmt: skip
-        return render(request, "dashboard/reports.html", context, status=400)
+        return render_page(request, viewer, "dashboard/reports.html", context, status=400)
     if query.format == "csv":
         return _report_csv(org, query)
     if query.format == "requests":
@@ -352,12 +350,10 @@ def reports(request: HttpRequest) -> HttpResponse:
         filename = _report_filename(org, query, "requests")
         return _ledger_csv_response(filename, org, window, time_zone=org.time_zone)
 
-    rows = _report_rows(org, query, limit=END_USERS_ON_SCREEN)
-    total = ReportRow.of(usage_breakdown(org_id=org.pk, since=query.since, until=query.until)[0])
+    rows, total = _report_rows(org, query, limit=END_USERS_ON_SCREEN)
+    days = spend_per_day(org_id=org.pk, since=query.since, until=query.until)
     params = {"org": org.slug, "since": query.first_day, "until": query.last_day, "by": query.by}
     context = {
-        "organizations": organizations,
-        "org": org,
         "groups": GROUPS,
         "since": query.first_day,
         "until": query.last_day,
@@ -366,13 +362,20 @@ def reports(request: HttpRequest) -> HttpResponse:
         "covers_from": query.since,  # shown in the org's time zone
         "covers_until": query.until,
         "rows": rows,
+        "rows_with_share": [(row, _share(row.cost_nanos, total.cost_nanos)) for row in rows],
         "total": total,
+        "chart": {
+            "t": [int(day.day.timestamp()) for day in days],
+            "spend_nanos": [day.cost_nanos for day in days],
+            "requests": [day.requests for day in days],
+        },
+        "days": days,
         "end_user_limit": END_USERS_ON_SCREEN,
         "presets": _preset_links(org, query.by),
         "csv_url": f"?{urlencode({**params, 'format': 'csv'})}",
         "requests_url": f"?{urlencode({**params, 'format': 'requests'})}",
     }
-    return render(request, "dashboard/reports.html", context)
+    return render_page(request, viewer, "dashboard/reports.html", context)
 
 
 # ------------------------------------------------------------------ statements
@@ -429,12 +432,10 @@ def _team_param(raw: str) -> int | str | None:
         raise BadRequest("“team” must be a team id, or “none” for usage without a team.") from None
 
 
-@login_required
-def statements(request: HttpRequest) -> HttpResponse:
+@finance_page
+def statements(request: HttpRequest, viewer: Viewer) -> HttpResponse:
     """The org's closed statements, newest first, under the open month(s) previewed."""
-    organizations, org = _finance_org(request)
-    if org is None:
-        return render(request, "dashboard/no_organization.html")
+    org = viewer.org
     closed = statements_list(org_id=org.pk)
     first_open = _first_open_month(org, closed)
     current = _local_today(org).replace(day=1)
@@ -445,13 +446,11 @@ def statements(request: HttpRequest) -> HttpResponse:
         open_months.append(view)
         month = (month - timedelta(days=1)).replace(day=1)
     context = {
-        "organizations": organizations,
-        "org": org,
         "open_months": open_months,
         "more_open": month >= first_open,
         "closed": closed,
     }
-    return render(request, "dashboard/statements.html", context)
+    return render_page(request, viewer, "dashboard/statements.html", context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,12 +514,10 @@ def _statement_requests(
     return _ledger_csv_response(filename, org, query, time_zone=view.time_zone)
 
 
-@login_required
-def statement(request: HttpRequest, month: str) -> HttpResponse:
+@finance_page
+def statement(request: HttpRequest, viewer: Viewer, month: str) -> HttpResponse:
     """One month's statement (the org's, or one team's with ?team=): printable, CSV."""
-    organizations, org = _finance_org(request)
-    if org is None:
-        return render(request, "dashboard/no_organization.html")
+    org = viewer.org
     wanted = _month_param(month)
     closed_list = statements_list(org_id=org.pk)
     closed = next((s for s in closed_list if s.month == wanted), None)
@@ -534,8 +531,8 @@ def statement(request: HttpRequest, month: str) -> HttpResponse:
         if output not in ("html", "csv", "requests"):
             raise BadRequest(f"Unknown format “{output}”; use csv or requests.")
     except BadRequest as error:
-        context = {"organizations": organizations, "org": org, "error": str(error)}
-        return render(request, "dashboard/statement.html", context, status=400)
+        context = {"error": str(error)}
+        return render_page(request, viewer, "dashboard/statement.html", context, status=400)
 
     whole = statement_view(org=org, month=wanted)
     if closed is None:
@@ -566,8 +563,6 @@ def statement(request: HttpRequest, month: str) -> HttpResponse:
 
     params = {"org": org.slug, **({"team": team} if team is not None else {})}
     context = {
-        "organizations": organizations,
-        "org": org,
         "view": view,
         "zone_name": view.time_zone,  # the statement's own: it is frozen with it
         "rows": [
@@ -587,4 +582,4 @@ def statement(request: HttpRequest, month: str) -> HttpResponse:
         "csv_url": f"?{urlencode({**params, 'format': 'csv'})}",
         "requests_url": f"?{urlencode({**params, 'format': 'requests'})}",
     }
-    return render(request, "dashboard/statement.html", context)
+    return render_page(request, viewer, "dashboard/statement.html", context)

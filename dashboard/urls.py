@@ -1,12 +1,30 @@
 from django.urls import path, re_path
 
-from dashboard import finance, views
+from dashboard import (
+    accounts,
+    audit,
+    budgets,
+    finance,
+    keys,
+    org_settings,
+    overview,
+    providers,
+    request_log,
+    views,
+)
 
 app_name = "dashboard"
 urlpatterns = [
-    path("", views.overview, name="overview"),
+    path("", overview.overview, name="overview"),
     path("health/", views.deployment_health, name="health"),
     path("reports/", finance.reports, name="reports"),
     path("statements/", finance.statements, name="statements"),
     re_path(r"^statements/(?P<month>\d{4}-\d{2})/$", finance.statement, name="statement"),
+    *accounts.urlpatterns,
+    *keys.urlpatterns,
+    *budgets.urlpatterns,
+    *providers.urlpatterns,
+    *request_log.urlpatterns,
+    *audit.urlpatterns,
+    *org_settings.urlpatterns,
 ]

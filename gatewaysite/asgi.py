@@ -13,8 +13,16 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gatewaysite.settings")
 django_application = get_asgi_application()
 
 # Imported after Django is set up: the proxy loads its configuration through the ORM.
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from dashboard.live import LiveFeedConsumer  # noqa: E402
 from routing.proxy.app import ProxyApp  # noqa: E402
 from routing.proxy.http import Receive, Scope, Send  # noqa: E402
+
+LIVE_FEED_PATH = "/dashboard/ws/live/"
+# The dashboard's session (cookie) authenticates the socket; only our own pages may open it.
+live_feed_application = AllowedHostsOriginValidator(AuthMiddlewareStack(LiveFeedConsumer.as_asgi()))
 
 
 class GatewayApplication:
@@ -29,8 +37,10 @@ class GatewayApplication:
             await self.proxy(scope, receive, send)
         elif kind == "http":
             await django_application(scope, receive, send)
+        elif kind == "websocket" and scope["path"] == LIVE_FEED_PATH:
+            await live_feed_application(scope, receive, send)
         else:
-            # No websocket endpoints yet: refuse the handshake cleanly.
+            # No other websocket endpoint: refuse the handshake cleanly.
             await receive()
             await send({"type": "websocket.close", "code": 1008})
 

@@ -90,6 +90,20 @@ def _ensure_admin(password: str) -> object:
     return user
 
 
+def _ensure_person(
+    org: Organization, username: str, password: str, role: str, team: Team | None = None
+) -> None:
+    """A non-staff dashboard user holding `role` in the demo org, to try the roles with."""
+    user_model = get_user_model()
+    user = user_model.objects.filter(username=username).first()
+    if user is None:
+        user = user_model.objects.create_user(
+            username=username, email=f"{username}@example.com", password=password
+        )
+    if not Membership.objects.filter(org=org, user=user).exists():
+        membership_set(org=org, user=user, role=role, team=team, actor=_ACTOR)  # type: ignore[arg-type]
+
+
 def _ensure_routes(mock_base_url: str) -> None:
     provider = Provider.objects.filter(org=None, name="Built-in mock provider").first()
     if provider is None:
@@ -225,6 +239,8 @@ def demo_seed(*, mock_base_url: str, admin_password: str, now: datetime | None =
             enforcement=Budget.Enforcement.SOFT,
             actor=_ACTOR,
         )
+    _ensure_person(org, "finance", admin_password, Membership.Role.FINANCE)
+    _ensure_person(org, "member", admin_password, Membership.Role.MEMBER, teams["research"])
     keys = _ensure_keys(org, teams)
     _synthesize_history(org, now=now)
     return DemoSeed(admin_username=DEMO_ADMIN_USERNAME, admin_password=admin_password, keys=keys)

@@ -135,7 +135,17 @@ STORAGES = {
 WHITENOISE_USE_FINDERS = DEBUG
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-LOGIN_URL = "admin:login"
+LOGIN_URL = "dashboard:sign_in"
+LOGIN_REDIRECT_URL = "dashboard:overview"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": f"django.contrib.auth.password_validation.{name}"}
+    for name in (
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    )
+]
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
@@ -276,6 +286,12 @@ else:
 
 # Largest request body the proxy accepts; bigger bodies get 413 before they are read.
 TOLLGATE_MAX_REQUEST_BYTES = env_int("TOLLGATE_MAX_REQUEST_BYTES", 10 * 1024 * 1024, minimum=1024)
+# Provider base URLs entered in the dashboard may point at loopback, private,
+# link-local or reserved addresses (a local vLLM or Ollama) only when this is on;
+# on by default in the embedded default (DEBUG), off in production.
+TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS = env_bool(
+    "TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS", default=DEBUG
+)
 # How often each process checks whether keys, routes or prices changed.
 TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, minimum=0.01)
 # Usage events are written in batches off the request path.
@@ -291,6 +307,10 @@ TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(
 )
 # Raw usage events older than this are deleted (rollups are kept forever).
 TOLLGATE_USAGE_RETENTION_DAYS = env_int("TOLLGATE_USAGE_RETENTION_DAYS", 400, minimum=1)
+# Request and response bodies, kept only for orgs that turn body logging on: each cut
+# to this many bytes, and deleted after this many days (never after their events).
+TOLLGATE_BODY_LOG_MAX_BYTES = env_int("TOLLGATE_BODY_LOG_MAX_BYTES", 32 * 1024, minimum=0)
+TOLLGATE_BODY_LOG_RETENTION_DAYS = env_int("TOLLGATE_BODY_LOG_RETENTION_DAYS", 30, minimum=1)
 # A month's statement closes this long after the month ends (events still in flight);
 # later events of that month appear as adjustments on the next statement.
 TOLLGATE_STATEMENT_GRACE_HOURS = env_int("TOLLGATE_STATEMENT_GRACE_HOURS", 6, minimum=0)

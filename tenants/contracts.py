@@ -47,6 +47,8 @@ class KeyContext:
     limits: tuple[ScopeLimits, ...] = ()
     # Every budget its requests count against; all must hold.
     budgets: tuple[BudgetSpec, ...] = ()
+    # The org keeps request and response bodies in its request log.
+    log_request_bodies: bool = False
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

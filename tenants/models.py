@@ -41,6 +41,8 @@ class Organization(RateLimited):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
+    # Keep prompt and response bodies for the request log; off, only metadata is kept.
+    log_request_bodies = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -268,3 +270,72 @@ class ConfigRevision(models.Model):
 
     def __str__(self) -> str:
         return str(self.token)
+
+
+class InvitationQuerySet(models.QuerySet["Invitation"]):
+    def pending(self) -> "InvitationQuerySet":
+        """Invitations that can still be accepted: not used, not revoked, not expired."""
+        return self.filter(
+            accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        )
+
+
+class Invitation(models.Model):
+    """A single-use link that makes whoever opens it a member of `org` in `role`."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ACCEPTED = "accepted", "Accepted"
+        REVOKED = "revoked", "Revoked"
+        EXPIRED = "expired", "Expired"
+
+    org = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="invitations")
+    # Where the link was sent, if anywhere; anyone holding the link may accept it.
+    email = models.EmailField(blank=True)
+    role = models.CharField(max_length=16, choices=Membership.Role.choices)
+    team = models.ForeignKey(
+        Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="invitations"
+    )
+    # SHA-256 of the token in the link; the token itself is never stored.
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="invitations_sent",
+    )
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="invitations_accepted",
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = InvitationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["org", "created_at"], name="invitation_org_created")]
+
+    def __str__(self) -> str:
+        return f"invitation to {self.org.slug} as {self.role}"
+
+    def clean(self) -> None:
+        if self.team_id and self.org_id and self.team.org_id != self.org_id:
+            raise ValidationError({"team": "The team belongs to another organization."})
+
+    @property
+    def status(self) -> str:
+        if self.accepted_at is not None:
+            return self.Status.ACCEPTED
+        if self.revoked_at is not None:
+            return self.Status.REVOKED
+        if self.expires_at <= timezone.now():
+            return self.Status.EXPIRED
+        return self.Status.PENDING

@@ -52,12 +52,13 @@ def virtual_key_contexts() -> list[KeyContext]:
         "id", "prefix", "secret_hash", "name", "org_id", "org__slug", "team_id",
         "allowed_models", "expires_at", "rpm_limit", "tpm_limit", "team__name",
         "team__rpm_limit", "team__tpm_limit", "org__rpm_limit", "org__tpm_limit",
+        "org__log_request_bodies",
     )  # fmt: skip
     budgets = _budget_specs()
     contexts = []
     for (key_id, prefix, secret_hash, name, org_id, org_slug, team_id, allowed_models,
          expires_at, key_rpm, key_tpm, team_name, team_rpm, team_tpm, org_rpm,
-         org_tpm) in rows:  # fmt: skip
+         org_tpm, log_request_bodies) in rows:  # fmt: skip
         scopes = [
             ScopeLimits("key", key_id, f"key '{one_line(name)}' ({prefix})", key_rpm, key_tpm),
             ScopeLimits("org", org_id, f"organization '{org_slug}'", org_rpm, org_tpm),
@@ -84,6 +85,7 @@ def virtual_key_contexts() -> list[KeyContext]:
                     + (budgets.get(("team", team_id), []) if team_id is not None else [])
                     + budgets.get(("key", key_id), [])
                 ),
+                log_request_bodies=log_request_bodies,
             )
         )
     return contexts

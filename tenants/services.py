@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -127,8 +128,13 @@ def virtual_key_issue(
     metadata: dict[str, Any] | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
+    monthly_budget_nanos: int | None = None,
 ) -> IssuedKey:
-    """Create an active key; the plaintext is returned here and nowhere else."""
+    """Create an active key; the plaintext is returned here and nowhere else.
+
+    With `monthly_budget_nanos`, the key gets a hard monthly budget of its own in the
+    same transaction, so it is never usable without it.
+    """
     generated = generate_key()
     key = VirtualKey(
         org=org,
@@ -160,6 +166,16 @@ def virtual_key_issue(
             "tpm_limit": tpm_limit,
         },
     )
+    if monthly_budget_nanos is not None:
+        budget_create(
+            org=org,
+            scope=Budget.Scope.KEY,
+            key=key,
+            limit_nanos=monthly_budget_nanos,
+            period=Budget.Period.MONTHLY,
+            enforcement=Budget.Enforcement.HARD,
+            actor=actor,
+        )
     return IssuedKey(key=key, plaintext=generated.plaintext)
 
 
@@ -223,3 +239,134 @@ def budget_create(
         },
     )
     return budget
+
+
+# The settings an edit may change, as audit entries show them (never the hash).
+_KEY_EDITABLE = ("name", "allowed_models", "rpm_limit", "tpm_limit", "expires_at")
+_BUDGET_EDITABLE = ("period", "limit_nanos", "enforcement", "soft_thresholds")
+
+
+def _audit_values(instance: models.Model, fields: Sequence[str]) -> dict[str, Any]:
+    """The named fields as JSON-safe values for an audit entry."""
+    values = {}
+    for name in fields:
+        value = getattr(instance, name)
+        values[name] = value.isoformat() if isinstance(value, datetime) else value
+    return values
+
+
+def _changes(
+    before: dict[str, Any], after: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Only the fields that changed, before and after."""
+    changed = [name for name in after if before.get(name) != after[name]]
+    return {n: before.get(n) for n in changed}, {n: after[n] for n in changed}
+
+
+def _locked_key(key: VirtualKey) -> VirtualKey:
+    """The key re-read under a row lock; a revoked key cannot change any more."""
+    key = VirtualKey.objects.select_for_update().select_related("org").get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise ValidationError("This key is revoked; issue a new key instead.")
+    return key
+
+
+@transaction.atomic
+def virtual_key_update(
+    *,
+    key: VirtualKey,
+    actor: Actor,
+    name: str,
+    allowed_models: Sequence[str],
+    rpm_limit: int | None,
+    tpm_limit: int | None,
+    expires_at: datetime | None,
+) -> VirtualKey:
+    """Change a key's name, allowed models, rate limits and expiry; its secret stays."""
+    key = _locked_key(key)
+    before = _audit_values(key, _KEY_EDITABLE)
+    key.name = name
+    key.allowed_models = sorted(set(allowed_models))
+    key.rpm_limit = rpm_limit
+    key.tpm_limit = tpm_limit
+    key.expires_at = expires_at
+    key.full_clean()
+    old, new = _changes(before, _audit_values(key, _KEY_EDITABLE))
+    if not new:
+        return key
+    key.save(update_fields=[*new, "updated_at"])
+    audit_record(
+        actor=actor, org=key.org, action="virtual_key.update", target=key, before=old, after=new
+    )
+    return key
+
+
+@transaction.atomic
+def virtual_key_rotate(*, key: VirtualKey, actor: Actor) -> IssuedKey:
+    """Give the key a new secret (and prefix); the old secret stops working.
+
+    The key record, its budgets and its usage history stay attached. Web processes
+    stop accepting the old secret within a configuration poll interval.
+    """
+    key = _locked_key(key)
+    old_prefix = key.prefix
+    generated = generate_key()
+    key.prefix = generated.prefix
+    key.secret_hash = generated.secret_hash
+    key.save(update_fields=["prefix", "secret_hash", "updated_at"])
+    audit_record(
+        actor=actor,
+        org=key.org,
+        action="virtual_key.rotate",
+        target=key,
+        before={"prefix": old_prefix},
+        after={"prefix": key.prefix},
+    )
+    return IssuedKey(key=key, plaintext=generated.plaintext)
+
+
+@transaction.atomic
+def budget_update(
+    *,
+    budget: Budget,
+    actor: Actor,
+    period: str,
+    limit_nanos: int,
+    enforcement: str,
+    soft_thresholds: Sequence[int],
+) -> Budget:
+    """Change a budget's period, limit, enforcement and alert thresholds.
+
+    Its target (org, team or key) is fixed: counters and alerts already recorded
+    belong to it. A new period starts counting from the ledger.
+    """
+    budget = Budget.objects.select_for_update().select_related("org").get(pk=budget.pk)
+    before = _audit_values(budget, _BUDGET_EDITABLE)
+    budget.period = period
+    budget.limit_nanos = limit_nanos
+    budget.enforcement = enforcement
+    budget.soft_thresholds = list(soft_thresholds)
+    budget.full_clean()
+    old, new = _changes(before, _audit_values(budget, _BUDGET_EDITABLE))
+    if not new:
+        return budget
+    budget.save(update_fields=[*new, "updated_at"])
+    audit_record(
+        actor=actor, org=budget.org, action="budget.update", target=budget, before=old, after=new
+    )
+    return budget
+
+
+@transaction.atomic
+def budget_delete(*, budget: Budget, actor: Actor) -> None:
+    """Delete a budget: its limit stops applying to requests from the next snapshot."""
+    budget = Budget.objects.select_related("org", "team", "key").get(pk=budget.pk)
+    target = {"team": budget.team, "key": budget.key}.get(budget.scope)
+    before = {
+        "scope": budget.scope,
+        "target": str(target) if target is not None else budget.org.slug,
+        **_audit_values(budget, _BUDGET_EDITABLE),
+    }
+    # The entry names the budget by id; written first, while the row still exists.
+    audit_record(actor=actor, org=budget.org, action="budget.delete", target=budget, before=before)
+    budget.delete()

@@ -4,6 +4,7 @@ The suite runs twice: against PostgreSQL + Redis (DATABASE_URL/REDIS_URL set)
 and against the embedded default (SQLite, in-process), see the Makefile.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 import redis
 from django.conf import settings
+from django.core.management.base import CommandError
+from django.test import TransactionTestCase
 
 from billing.models import ModelPrice
 from routing.models import Deployment, Provider, Route
@@ -42,6 +45,27 @@ def fresh_counters() -> None:
         if keys:
             client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flush_survives_deadlocks() -> Iterator[None]:
+    """Transactional tests empty the database (TRUNCATE) while live servers read it (a
+    gateway reloading its configuration, a Celery worker); PostgreSQL may pick the
+    TRUNCATE as a deadlock's victim. It is simply tried again."""
+    original = TransactionTestCase._fixture_teardown
+
+    def teardown_retrying(test_case: TransactionTestCase) -> None:
+        for attempt in range(1, 6):
+            try:
+                return original(test_case)
+            except CommandError as error:
+                if attempt == 5 or "deadlock detected" not in str(error.__cause__):
+                    raise
+                time.sleep(0.1 * attempt)
+
+    TransactionTestCase._fixture_teardown = teardown_retrying  # type: ignore[method-assign]
+    yield
+    TransactionTestCase._fixture_teardown = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

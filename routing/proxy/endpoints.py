@@ -190,6 +190,7 @@ async def _cache_lookup(
         meter.cache_hit = True
         if plan.cache_hits_billed:
             meter.priced_as = (hit.provider_kind, hit.upstream_model)
+        meter.keep_response(hit.body)
         meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=hit.usage)
         return CacheLookup("hit", entry_key, hit)
     return CacheLookup("miss", entry_key, None)
@@ -264,6 +265,7 @@ async def _serve_chat(
         demand=_demand(chat.payload),
         attempt=attempt,
         on_attempt=meter.serving,
+        on_attempt_failed=meter.attempt_failed,
         subject=subject,
     )
     if plan.shadow is not None and random.random() * 100 < plan.shadow_percent:
@@ -322,6 +324,7 @@ async def _shadow_call(
             "Shadow call to %s for %s failed: %s", shadow.name, chat.model, exc.code or exc.status
         )
         return
+    meter.keep_response(reply.body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
     logger.info(
         "Shadow call to %s for %s: %d ms, %d output tokens (primary %s)",
@@ -362,6 +365,7 @@ async def chat_completions(
     if isinstance(served, tuple):
         first_chunk, relay = served
         return StreamingResponse(status=200, first_chunk=first_chunk, chunks=relay, headers=headers)
+    meter.keep_response(served.body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
     if cache.entry_key is not None:
         await _cache_store(runtime, meter, cache.entry_key, served)
@@ -376,17 +380,23 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
     """
     failure: GatewayError | None = None
     disconnected = started = False
+    capture = meter.response_capture  # None unless the org logs bodies
     try:
         async for chunk in stream.events():
             meter.first_byte_sent()
             started = True
+            if capture is not None:
+                capture.add(chunk)
             yield chunk
     except GatewayError as exc:
         failure = exc
         if not started:
             raise
         # The SDKs raise on an error event, so the client never mistakes this for an answer.
-        yield b"data: " + exc.openai_body() + b"\n\n"
+        error_event = b"data: " + exc.openai_body() + b"\n\n"
+        if capture is not None:
+            capture.add(error_event)
+        yield error_event
     except (asyncio.CancelledError, GeneratorExit):
         disconnected = True
         raise
@@ -442,12 +452,12 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
+    body = message_from_completion(served.body, served.usage)
+    meter.keep_response(body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
     if cache.entry_key is not None:
         await _cache_store(runtime, meter, cache.entry_key, served)
-    return Response(
-        status=200, body=message_from_completion(served.body, served.usage), headers=headers
-    )
+    return Response(status=200, body=body, headers=headers)
 
 
 async def _as_anthropic_events(
@@ -500,10 +510,12 @@ async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
             ),
             attempt=attempt,
             on_attempt=meter.serving,
+            on_attempt_failed=meter.attempt_failed,
         )
     except GatewayError as exc:
         meter.record_failure(exc)
         raise
+    meter.keep_response(reply.body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=reply.usage)
     return Response(status=200, body=reply.body, headers=_served_headers(request, meter))
 

@@ -231,12 +231,15 @@ async def serve_with_failover(
     demand: Demand,
     attempt: Attempt[T],
     on_attempt: Callable[[DeploymentSpec], None],
+    on_attempt_failed: Callable[[GatewayError], None] | None = None,
     subject: str = "",
 ) -> T:
     """The first successful `attempt`, failing over and retrying per the route.
 
     `attempt` must raise before anything reaches the client (a stream returns
-    after its first event); `on_attempt` hears of each upstream call as it starts.
+    after its first event); `on_attempt` hears of each upstream call as it starts,
+    `on_attempt_failed` of each one left behind for another (not of one whose
+    error ends the request: the request's own outcome tells that).
     """
     started_at = time.monotonic()
     deadline = started_at + plan.deadline_s
@@ -289,11 +292,15 @@ async def serve_with_failover(
             if not exc.retryable:
                 raise
             last_error = exc
+            if on_attempt_failed is not None:
+                on_attempt_failed(exc)
             continue
-        except InvalidRequest:
+        except InvalidRequest as exc:
             if attempts == 1:
                 raise  # the request itself is wrong for the route's first choice
             last_error = last_error or NoDeploymentAvailable("No fallback could take this request.")
+            if on_attempt_failed is not None:
+                on_attempt_failed(exc)
             continue  # a fallback that cannot honour it is skipped
         finally:
             health.finished(deployment.deployment_id, reserved_tokens=reserved)

@@ -94,6 +94,10 @@ def test_figures_on_the_page_and_in_the_csv_equal_the_sums_of_the_events(
     assert "Covers 2025-03-01 00:00 to 2025-04-01 00:00 (Europe/Paris)" in page
     totals = response.context["total"]
     assert (totals.requests, totals.errors, totals.input_tokens) == (4, 1, 307)
+    # The spend-per-day chart (UTC days) adds up to the same total, to the nano-dollar.
+    chart = response.context["chart"]
+    assert (sum(chart["spend_nanos"]), sum(chart["requests"])) == (2_222_222_220, 4)
+    assert 'id="report-chart"' in page and "Share of cost" in page
 
     response = client.get(URL, {"org": "acme", **MARCH, "by": "team", "format": "csv"})
     assert response.status_code == 200

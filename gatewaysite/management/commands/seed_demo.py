@@ -30,8 +30,9 @@ class Command(BaseCommand):
             f"""
 Tollgate is starting on {base}
 
-  Dashboard:  {base}/dashboard/
-  Admin:      {base}/admin/   (user {seed.admin_username!r}, password {seed.admin_password!r})
+  Dashboard:  {base}/dashboard/   sign in as {seed.admin_username!r} (owner), 'finance' or
+              'member' (team research); every demo user's password is {seed.admin_password!r}
+  Admin:      {base}/admin/   (user {seed.admin_username!r})
   Demo key:   {key}
               (team "platform"; saved in var/demo-keys.json with the other demo key)
 
