@@ -17,6 +17,7 @@ from billing.models import (
     UsageEvent,
     UsageRollup,
     UsageTagRollup,
+    UsageTeamRollup,
 )
 from tenants.admin import ReadOnlyAdmin
 from tenants.services import Actor
@@ -67,6 +68,17 @@ class UsageTagRollupAdmin(ReadOnlyAdmin):
     ]  # fmt: skip
     list_filter = ["granularity", "org", "provider_kind"]
     search_fields = ["tag", "model"]
+    date_hierarchy = "bucket_start"
+    list_select_related = ["org"]
+
+
+@admin.register(UsageTeamRollup)
+class UsageTeamRollupAdmin(ReadOnlyAdmin):
+    list_display = [
+        "bucket_start", "granularity", "org", "team_id", "requests", "successes",
+        "input_tokens", "output_tokens", "cost_nanos", "computed_at",
+    ]  # fmt: skip
+    list_filter = ["granularity", "org"]
     date_hierarchy = "bucket_start"
     list_select_related = ["org"]
 

@@ -1,7 +1,7 @@
 """Checking rollups against the raw events, and pruning events once that holds.
 
 Reconciliation compares, per organization and UTC day, the request, token and
-cost totals of the hour rollups, the day rollups and the tag rollups with the
+cost totals of the hour and day rollups (all, per tag and per team) with the
 raw events. A difference is an alert: it is logged at ERROR, recorded as a
 `ReconciliationRun` (listed in the admin), and the day is rebuilt.
 
@@ -28,6 +28,7 @@ from billing.models import (
     UsageEvent,
     UsageRollup,
     UsageTagRollup,
+    UsageTeamRollup,
 )
 from billing.rollups import (
     DAY,
@@ -121,6 +122,7 @@ def rollup_mismatches(*, since: datetime, until: datetime) -> list[dict[str, Any
     for model, expected, figures, label in (
         (UsageRollup, events, FIGURES, ""),
         (UsageTagRollup, tag_events, TAG_FIGURES, "tag "),
+        (UsageTeamRollup, events, FIGURES, "team "),
     ):
         for granularity in (Granularity.HOUR, Granularity.DAY):
             actual = _rollup_figures(model, granularity, since, until, figures)

@@ -5,7 +5,8 @@ started in it, in one transaction, so a rebuild can run any number of times and
 rollup totals always equal the ledger's, to the nano-dollar. Which hours to
 rebuild comes from `ingested_at`: any hour that gained an event since the last
 run is rebuilt, so an event ingested late is folded into its own hour and day.
-Day rows (UTC days) are sums of the day's hour rows.
+Day rows (UTC days) are sums of the day's hour rows. Team rows are sums of the
+same bucket's rows per org and team, built with them.
 """
 
 import logging
@@ -20,7 +21,14 @@ from django.db.models import Case, Count, IntegerField, Q, QuerySet, Sum, Value,
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from billing.models import RollupMeasures, RollupState, UsageEvent, UsageRollup, UsageTagRollup
+from billing.models import (
+    RollupMeasures,
+    RollupState,
+    UsageEvent,
+    UsageRollup,
+    UsageTagRollup,
+    UsageTeamRollup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,13 @@ ROLLUP_DIMENSIONS = (
     "deployment_id", "deployment_name", "endpoint",
 )  # fmt: skip
 TAG_ROLLUP_DIMENSIONS = ("org_id", "model", "provider_kind", "tag")
+TEAM_ROLLUP_DIMENSIONS = ("org_id", "team_id")
+# Every rollup table and its group keys; team rows are sums of rollup rows.
+ROLLUP_TABLES: tuple[tuple[type[RollupMeasures], tuple[str, ...]], ...] = (
+    (UsageRollup, ROLLUP_DIMENSIONS),
+    (UsageTagRollup, TAG_ROLLUP_DIMENSIONS),
+    (UsageTeamRollup, TEAM_ROLLUP_DIMENSIONS),
+)
 
 
 def _counter_aggregates() -> dict[str, Any]:
@@ -261,8 +276,17 @@ def distinct_tags(tags: object) -> list[str]:
     return list(dict.fromkeys(str(tag) for tag in tags))
 
 
-def _hour_groups(hour: datetime) -> tuple[Groups, Groups]:
-    """Rollup and tag-rollup measures for the events that started in `hour`."""
+def regroup(groups: Groups, dimensions: tuple[str, ...], into: tuple[str, ...]) -> Groups:
+    """`groups` keyed by `dimensions`, added up by the fewer dimensions `into`."""
+    positions = [dimensions.index(name) for name in into]
+    coarse: Groups = {}
+    for key, measures in groups.items():
+        coarse.setdefault(tuple(key[i] for i in positions), Measures()).add(measures)
+    return coarse
+
+
+def _hour_groups(hour: datetime) -> dict[type[RollupMeasures], Groups]:
+    """Each rollup table's measures for the events that started in `hour`."""
     events = UsageEvent.objects.filter(started_at__gte=hour, started_at__lt=hour + HOUR)
     groups = _aggregate(events, ROLLUP_DIMENSIONS)
     # Grouping by the whole tag list keeps this one portable query; each
@@ -272,7 +296,11 @@ def _hour_groups(hour: datetime) -> tuple[Groups, Groups]:
     for (*dimensions, tags), measures in by_tag_list.items():
         for tag in distinct_tags(list(tags)):
             tag_groups.setdefault((*dimensions, tag), Measures()).add(measures)
-    return groups, tag_groups
+    return {
+        UsageRollup: groups,
+        UsageTagRollup: tag_groups,
+        UsageTeamRollup: regroup(groups, ROLLUP_DIMENSIONS, TEAM_ROLLUP_DIMENSIONS),
+    }
 
 
 def _rows(
@@ -318,17 +346,12 @@ def rollup_hour_rebuild(hour: datetime) -> bool:
         state = locked_state()
         if _is_pruned(state, hour):
             return False
-        groups, tag_groups = _hour_groups(hour)
+        groups = _hour_groups(hour)
         common = {"granularity": Granularity.HOUR, "bucket_start": hour}
         now = timezone.now()
-        _replace(
-            UsageRollup, Granularity.HOUR, hour,
-            _rows(UsageRollup, ROLLUP_DIMENSIONS, groups, **common, computed_at=now),
-        )  # fmt: skip
-        _replace(
-            UsageTagRollup, Granularity.HOUR, hour,
-            _rows(UsageTagRollup, TAG_ROLLUP_DIMENSIONS, tag_groups, **common, computed_at=now),
-        )  # fmt: skip
+        for model, dimensions in ROLLUP_TABLES:
+            rows = _rows(model, dimensions, groups[model], **common, computed_at=now)
+            _replace(model, Granularity.HOUR, hour, rows)
     return True
 
 
@@ -350,10 +373,7 @@ def rollup_day_rebuild(day: datetime) -> bool:
             return False
         common = {"granularity": Granularity.DAY, "bucket_start": day}
         now = timezone.now()
-        for model, dimensions in (
-            (UsageRollup, ROLLUP_DIMENSIONS),
-            (UsageTagRollup, TAG_ROLLUP_DIMENSIONS),
-        ):
+        for model, dimensions in ROLLUP_TABLES:
             groups = _sum_hours(model, dimensions, day)
             rows = _rows(model, dimensions, groups, **common, computed_at=now)
             _replace(model, Granularity.DAY, day, rows)
@@ -454,9 +474,9 @@ def rollup_hours_between(since: datetime | None, until: datetime | None) -> set[
     if until is not None:
         events = events.filter(started_at__lt=until)
     hours = _started_hours(events)
-    for model in (UsageRollup, UsageTagRollup):
-        built = model.objects.filter(window).order_by().values_list("bucket_start", flat=True)
-        hours.update(built.distinct())
+    for model, _ in ROLLUP_TABLES:
+        built = model._default_manager.filter(window).order_by()
+        hours.update(built.values_list("bucket_start", flat=True).distinct())
     return hours
 
 

@@ -13,6 +13,7 @@ from django.db.models import (
     Case,
     Count,
     Exists,
+    F,
     OuterRef,
     Q,
     QuerySet,
@@ -33,6 +34,7 @@ from billing.models import (
     UsageEventBody,
     UsageRollup,
     UsageTagRollup,
+    UsageTeamRollup,
 )
 from billing.rollups import (
     COUNTERS,
@@ -215,6 +217,54 @@ def _measure_rows(rows: QuerySet[Any], *columns: str) -> Iterator[dict[str, Any]
         yield row
 
 
+def _json_by_group(
+    rows: QuerySet[Any], column: str | None, *json_columns: str
+) -> Iterator[tuple[object, list[Any]]]:
+    """(group, parsed JSON columns) per row; the group is `column`'s value, or None."""
+    as_text = [Cast(name, output_field=TextField()) for name in json_columns]
+    for row in rows.values_list(*([column] if column else []), *as_text):
+        key, raw = (row[0], row[1:]) if column else (None, row)
+        yield key, [orjson.loads(value) if value else None for value in raw]
+
+
+def _grouped_measures(
+    rows: QuerySet[Any], column: str | None, *, ttft: bool = True
+) -> dict[object, Measures]:
+    """The rows' measures added up per value of `column` (None: one group, keyed None);
+    without `ttft`, the time-to-first-token histograms are left empty.
+
+    Counters are summed by the database. Error classes and histograms are JSON, which
+    SQL cannot add portably, so only they are read row by row (error classes only
+    from rows with failures) and added here: a month of a few hundred keys is tens of
+    thousands of rows, and this reads a fraction of their bytes.
+    """
+    rows = rows.order_by()
+    sums = {name: Sum(name) for name in COUNTERS}
+    counted = rows.values(column).annotate(**sums) if column else [rows.aggregate(**sums)]
+    totals = {
+        row[column] if column else None: MeasuresTotal(
+            counters={name: int(row[name] or 0) for name in COUNTERS}
+        )
+        for row in counted
+    }
+    failed = rows.filter(successes__lt=F("requests"))
+    for key, (errors,) in _json_by_group(failed, column, "errors_by_class"):
+        # A group missing here was rebuilt between the two reads: left for the next one.
+        if (total := totals.get(key)) is not None:
+            for error_class, count in (errors or {}).items():
+                total.errors_by_class[error_class] = (
+                    total.errors_by_class.get(error_class, 0) + count
+                )
+    histograms = ("latency_histogram", "ttft_histogram") if ttft else ("latency_histogram",)
+    for key, (latency, *first_token) in _json_by_group(rows, column, *histograms):
+        if (total := totals.get(key)) is not None:
+            if latency:
+                total.latency.append(latency)
+            if first_token and first_token[0]:
+                total.ttft.append(first_token[0])
+    return {key: total.measures() for key, total in totals.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class UsageSummary:
     """Usage of one group (or one time bucket): sums, errors by class, percentiles."""
@@ -288,35 +338,41 @@ def usage_breakdown(
     return usage_report(org_id=org_id, since=since, until=until, by=by)[0]
 
 
+def _rollup_table(by: str | None) -> type[RollupMeasures]:
+    """The smallest rollup table that has the `by` column."""
+    if by is None or by == "team":
+        return UsageTeamRollup
+    return UsageTagRollup if by == "tag" else UsageRollup
+
+
 def usage_report(
-    *, org_id: int, since: datetime, until: datetime, by: str | None = None
+    *, org_id: int, since: datetime, until: datetime, by: str | None = None, ttft: bool = True
 ) -> tuple[list[UsageSummary], UsageSummary]:
-    """`usage_breakdown` and the summary of all requests. One read of the rollups, except
-    by tag: tag groups overlap and leave untagged requests out, so the total is read apart."""
+    """`usage_breakdown` and the summary of all requests. By tag, the total is read
+    apart: tag groups overlap and leave untagged requests out. Without `ttft`, the
+    time-to-first-token percentiles are None (a month by key reads half the bytes)."""
     if by is not None and by not in BREAKDOWNS:
         raise ValueError(f"Unknown breakdown {by!r}; use one of {', '.join(BREAKDOWNS)}.")
-    model: type[RollupMeasures] = UsageTagRollup if by == "tag" else UsageRollup
     column = BREAKDOWNS[by] if by else None
-    extra = ("deployment_name",) if by == "deployment" else ()
-    rows = _covering_rows(model, org_id=org_id, since=since, until=until)
-    groups: dict[object, MeasuresTotal] = {}
-    everything = MeasuresTotal()
-    deployment_names: dict[object, str] = {}
-    for row in _measure_rows(rows, *([column] if column else []), *extra):
-        key = row[column] if column else None
-        groups.setdefault(key, MeasuresTotal()).add_row(row)
-        everything.add_row(row)
-        if extra and row["deployment_name"]:
-            deployment_names[key] = row["deployment_name"]
-    if by == "tag":
-        total = usage_report(org_id=org_id, since=since, until=until)[1]
-    else:
-        total = UsageSummary.of(None, "all", everything.measures())
+    rows = _covering_rows(_rollup_table(by), org_id=org_id, since=since, until=until)
+    groups = _grouped_measures(rows, column, ttft=ttft)
     if by is None:
+        total = UsageSummary.of(None, "all", groups.get(None) or Measures())
         return [total], total
+    if by == "tag":
+        total = usage_report(org_id=org_id, since=since, until=until, ttft=ttft)[1]
+    else:
+        everything = MeasuresTotal()
+        for measures in groups.values():
+            everything.add(measures)
+        total = UsageSummary.of(None, "all", everything.measures())
+    deployment_names: dict[object, str] = {}
+    if by == "deployment":
+        named = rows.exclude(deployment_name="").order_by("bucket_start")
+        deployment_names = dict(named.values_list("deployment_id", "deployment_name"))
     labels = _labels(by, set(groups), deployment_names)
     summaries = [
-        UsageSummary.of(key, labels.get(key, "(none)"), measures.measures())
+        UsageSummary.of(key, labels.get(key, "(none)"), measures)
         for key, measures in groups.items()
     ]
     return sorted(summaries, key=lambda s: (-s.cost_nanos, -s.requests, s.label)), total
@@ -329,18 +385,17 @@ def usage_series(
     """Usage per hour or UTC day in [since, until), oldest first; buckets without
     requests are left out. `model` narrows it to one public model name."""
     floor = day_floor if granularity == Granularity.DAY else hour_floor
-    rows = UsageRollup.objects.filter(
+    table: type[RollupMeasures] = UsageTeamRollup if model is None else UsageRollup
+    rows = table._default_manager.filter(
         org_id=org_id, granularity=granularity,
         bucket_start__gte=floor(since), bucket_start__lt=until,
     )  # fmt: skip
     if model is not None:
         rows = rows.filter(model=model)
-    buckets: dict[datetime, MeasuresTotal] = {}
-    for row in _measure_rows(rows, "bucket_start"):
-        buckets.setdefault(row["bucket_start"], MeasuresTotal()).add_row(row)
+    buckets = _grouped_measures(rows, "bucket_start")
     return [
-        UsageSummary.of(start, start.isoformat(), buckets[start].measures())
-        for start in sorted(buckets)
+        UsageSummary.of(start, start.isoformat(), buckets[start])  # type: ignore[arg-type]
+        for start in sorted(buckets)  # type: ignore[type-var]
     ]
 
 
@@ -355,7 +410,7 @@ def spend_per_day(*, org_id: int, since: datetime, until: datetime) -> list[DayS
     """Requests and cost per UTC day in [since, until) (whole hours), oldest first, summed
     by the database: one query, whatever the number of keys."""
     rows = (
-        _covering_rows(UsageRollup, org_id=org_id, since=since, until=until)
+        _covering_rows(UsageTeamRollup, org_id=org_id, since=since, until=until)
         .annotate(day=TruncDay("bucket_start", tzinfo=UTC))
         .order_by()
         .values("day")
@@ -1003,9 +1058,10 @@ class _Tally:
 
     def add_to_tops(self, row: dict[str, Any], counters: dict[str, int]) -> None:
         """`row` carries the top dimensions; `counters` its cost, requests and successes."""
+        # Database sums of big integers can arrive as Decimal.
         cost, requests, successes = (
-            int(counters["cost_nanos"] or 0), counters["requests"], counters["successes"],
-        )  # fmt: skip
+            int(counters[name] or 0) for name in ("cost_nanos", "requests", "successes")
+        )
         for by, column in _TOP_DIMENSIONS.items():
             top = self.groups[by].setdefault(row[column], [0, 0, 0])
             top[0] += cost
@@ -1042,15 +1098,15 @@ class _Tally:
 
 def _rollup_rows(
     *, org_id: int, team_id: int | None, spans: dict[str, _Span], daily: bool
-) -> QuerySet[UsageRollup]:
-    """Rollup rows of the chart period (day rows for its whole UTC days when daily) and
-    the hour rows of today."""
+) -> QuerySet[UsageTeamRollup]:
+    """Team rollup rows of the chart period (day rows for its whole UTC days when daily)
+    and the hour rows of today: a few per hour, whatever the number of keys."""
     period, today = spans["period"], spans["today"]
-    hours = UsageRollup.objects.filter(org_id=org_id, granularity=Granularity.HOUR)
+    hours = UsageTeamRollup.objects.filter(org_id=org_id, granularity=Granularity.HOUR)
     rows = hours.filter(bucket_start__gte=today.rolled_from, bucket_start__lt=today.rolled_until)
     if daily:
         rows |= _covering_rows(
-            UsageRollup, org_id=org_id, since=period.rolled_from, until=period.rolled_until
+            UsageTeamRollup, org_id=org_id, since=period.rolled_from, until=period.rolled_until
         )
     else:
         rows |= hours.filter(
@@ -1059,11 +1115,28 @@ def _rollup_rows(
     return rows if team_id is None else rows.filter(team_id=team_id)
 
 
+def _rollup_tops(*, org_id: int, team_id: int | None, period: _Span) -> QuerySet[Any]:
+    """Cost, requests and successes of the rolled-up period per model, team and key,
+    summed by the database: a few hundred rows back, not one per key and hour."""
+    rows = _covering_rows(
+        UsageRollup, org_id=org_id, since=period.rolled_from, until=period.rolled_until
+    )
+    if team_id is not None:
+        rows = rows.filter(team_id=team_id)
+    return (
+        rows.order_by()
+        .values(*_TOP_DIMENSIONS.values())
+        .annotate(
+            cost_nanos=Sum("cost_nanos"), requests=Sum("requests"), successes=Sum("successes")
+        )
+    )
+
+
 def _month_rollup_sums(*, org_id: int, team_id: int | None, month: _Span) -> Measures:
     sums = Measures()
     if month.rolled_until > month.rolled_from:
         rows = _covering_rows(
-            UsageRollup, org_id=org_id, since=month.rolled_from, until=month.rolled_until
+            UsageTeamRollup, org_id=org_id, since=month.rolled_from, until=month.rolled_until
         )
         if team_id is not None:
             rows = rows.filter(team_id=team_id)
@@ -1096,18 +1169,18 @@ def usage_overview(
     if edge is not None:
         # Daily, the hour rows of the period are those of its last, partial UTC day.
         period_hours_from = day_floor(period.rolled_until) if daily else period.rolled_from
-        columns = ("granularity", "bucket_start", "model", "team_id", "key_id")
         rows = _rollup_rows(org_id=org_id, team_id=team_id, spans=spans, daily=daily)
-        for row in _measure_rows(rows.order_by(), *columns):
+        for row in _measure_rows(rows.order_by(), "granularity", "bucket_start"):
             start = row["bucket_start"]
             if row["granularity"] == Granularity.DAY:
                 tally.bucket(start).add_row(row)
-                tally.add_to_tops(row, row)
                 continue
             if today.rolled(start):
                 tally.today.add_row(row)
             if period_hours_from <= start < period.rolled_until:
                 tally.bucket(floor(start)).add_row(row)
+        if period.rolled_until > period.rolled_from:
+            for row in _rollup_tops(org_id=org_id, team_id=team_id, period=period):
                 tally.add_to_tops(row, row)
         tally.month.add(_month_rollup_sums(org_id=org_id, team_id=team_id, month=month))
 

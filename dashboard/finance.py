@@ -250,10 +250,12 @@ def _report_rows(
     """The report's rows and its total row (of all requests)."""
     if query.by != "end_user":
         summaries, total = usage_report(
-            org_id=org.pk, since=query.since, until=query.until, by=query.by
+            org_id=org.pk, since=query.since, until=query.until, by=query.by, ttft=False
         )
         return [ReportRow.of(summary) for summary in summaries], ReportRow.of(total)
-    total = ReportRow.of(usage_report(org_id=org.pk, since=query.since, until=query.until)[1])
+    total = ReportRow.of(
+        usage_report(org_id=org.pk, since=query.since, until=query.until, ttft=False)[1]
+    )
     users = usage_by_end_user(org_id=org.pk, since=query.since, until=query.until, limit=limit)
     return [
         ReportRow(

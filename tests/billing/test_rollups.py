@@ -1,5 +1,6 @@
 """Rollups: exact to the nano-dollar, late events folded in, reconciled, and raw events pruned."""
 
+import importlib
 import io
 import logging
 import random
@@ -20,6 +21,7 @@ from billing.models import (
     UsageEvent,
     UsageRollup,
     UsageTagRollup,
+    UsageTeamRollup,
 )
 from billing.reconciliation import rollups_reconcile, usage_events_prune
 from billing.rollups import (
@@ -91,14 +93,21 @@ def rollup_totals(granularity: str = Granularity.HOUR, **filters: Any) -> dict[s
     return {"requests": int(requests), **totals(rows)}
 
 
+def team_rollup_totals(granularity: str = Granularity.HOUR, **filters: Any) -> dict[str, int]:
+    rows = UsageTeamRollup.objects.filter(granularity=granularity, **filters)
+    requests = rows.aggregate(n=Sum("requests"))["n"] or 0
+    return {"requests": int(requests), **totals(rows)}
+
+
 def rollup_snapshot() -> list[tuple[Any, ...]]:
     """Every rollup row's content, without ids and computation times."""
-    fields = ["granularity", "bucket_start", "org_id", "model", "provider_kind", *COUNTERS]
+    fields = ["granularity", "bucket_start", "org_id", *COUNTERS]
     rows = [
         (model.__name__, *row)
         for model, extra in (
-            (UsageRollup, ["team_id", "key_id", "endpoint"]),
-            (UsageTagRollup, ["tag"]),
+            (UsageRollup, ["model", "provider_kind", "team_id", "key_id", "endpoint"]),
+            (UsageTagRollup, ["model", "provider_kind", "tag"]),
+            (UsageTeamRollup, ["team_id"]),
         )
         for row in model.objects.values_list(
             *fields, *extra, "errors_by_class", "latency_histogram", "ttft_histogram"
@@ -144,6 +153,7 @@ def test_rollup_totals_equal_the_sum_of_event_costs_to_the_nano(
     UsageEvent.objects.all().delete()
     UsageRollup.objects.all().delete()
     UsageTagRollup.objects.all().delete()
+    UsageTeamRollup.objects.all().delete()
     RollupState.objects.all().delete()
     orgs = list(Organization.objects.order_by("pk")[:2])
     while len(orgs) < 2:
@@ -159,6 +169,10 @@ def test_rollup_totals_equal_the_sum_of_event_costs_to_the_nano(
 
     for org in orgs:
         assert rollup_totals(org=org) == ledger_totals(org=org)
+        for team in teams:
+            assert team_rollup_totals(org=org, team_id=team and team.pk) == ledger_totals(
+                org=org, team=team
+            )
         for day in (T0.replace(hour=0), T0.replace(hour=0) + DAY):
             in_day = {"bucket_start__gte": day, "bucket_start__lt": day + DAY}
             assert rollup_totals(Granularity.DAY, org=org, **in_day) == ledger_totals(
@@ -178,9 +192,23 @@ def test_rollup_totals_equal_the_sum_of_event_costs_to_the_nano(
         sum(row.unpriced_requests for row in rows)
         == UsageEvent.objects.filter(priced=False).count()
     )
+    team_rows = UsageTeamRollup.objects.filter(granularity=Granularity.HOUR)
+    for measure in ("errors_by_class", "latency_histogram", "ttft_histogram"):
+        assert sum_measure(team_rows, measure) == sum_measure(rows, measure)
     tagged_cost = sum(e.cost_nanos * len(e.tags) for e in UsageEvent.objects.all())
     tag_rows = UsageTagRollup.objects.filter(granularity=Granularity.HOUR)
     assert sum(row.cost_nanos for row in tag_rows) == tagged_cost
+
+
+def sum_measure(rows: Any, measure: str) -> dict[object, int]:
+    """Error classes or histogram buckets of `rows` added up, as {class or bucket: count}."""
+    total: dict[object, int] = {}
+    for row in rows:
+        value = getattr(row, measure)
+        for name, count in value.items() if isinstance(value, dict) else enumerate(value):
+            if count:
+                total[name] = total.get(name, 0) + count
+    return total
 
 
 def test_a_late_event_is_folded_into_its_hour_and_day_on_the_next_run(org: Organization) -> None:
@@ -218,6 +246,31 @@ def test_rebuilding_again_changes_nothing(org: Organization, team: Team) -> None
 
     assert rollup_snapshot() == first
     assert UsageRollup.objects.filter(granularity=Granularity.HOUR).count() == 4
+
+
+def test_the_team_rollup_migration_backfills_rows_equal_to_a_rebuild(
+    org: Organization, team: Team
+) -> None:
+    from django.apps import apps
+
+    migration = importlib.import_module("billing.migrations.0008_team_rollups")
+    for minute in range(0, 300, 11):
+        event(
+            org, started_at=T0 + timedelta(minutes=minute), team=team if minute % 2 else None,
+            latency_ms=minute * 7, ttft_ms=minute or None,
+            outcome=Outcome.CLIENT_ERROR if minute % 3 == 0 else Outcome.SUCCESS,
+            error_class="invalid_request" if minute % 3 == 0 else "",
+        )  # fmt: skip
+    rollups_refresh()
+    rebuilt = rollup_snapshot()
+    UsageTeamRollup.objects.all().delete()
+    # Raw events may be pruned by the time the migration runs: it reads rollups only.
+    UsageEvent.objects.all().delete()
+
+    migration.team_rollups_backfill(apps, None)
+
+    assert rollup_snapshot() == rebuilt
+    assert UsageTeamRollup.objects.filter(granularity=Granularity.DAY).count() == 4
 
 
 def test_the_refresh_rebuilds_only_hours_that_gained_events(org: Organization) -> None:
@@ -324,6 +377,9 @@ def test_reconciliation_detects_a_tampered_rollup_alerts_and_repairs_it(
         cost_nanos=5_001
     )
     UsageTagRollup.objects.filter(granularity=Granularity.DAY).update(requests=9)
+    UsageTeamRollup.objects.filter(granularity=Granularity.HOUR, bucket_start=T0).update(
+        output_tokens=21
+    )
     stray = UsageRollup.objects.get(granularity=Granularity.DAY)
     stray.pk, stray.bucket_start = None, stray.bucket_start + DAY  # a day without events
     stray.save()
@@ -338,6 +394,7 @@ def test_reconciliation_detects_a_tampered_rollup_alerts_and_repairs_it(
     assert {
         ("2025-03-01", "hour rollups", "cost_nanos", 11_000, 11_001),  # per org and day
         ("2025-03-01", "day tag rollups", "requests", 1, 9),
+        ("2025-03-01", "hour team rollups", "output_tokens", 40, 41),
         ("2025-03-02", "day rollups", "requests", 0, 2),
         ("2025-03-02", "day rollups", "cost_nanos", 0, 11_000),
     } <= figures
@@ -345,6 +402,7 @@ def test_reconciliation_detects_a_tampered_rollup_alerts_and_repairs_it(
     assert any("differ from the raw events" in r.getMessage() for r in caplog.records)
     assert rollup_totals() == ledger_totals()
     assert rollup_totals(Granularity.DAY) == ledger_totals()
+    assert team_rollup_totals() == team_rollup_totals(Granularity.DAY) == ledger_totals()
     assert rollups_reconcile(since=T0 - DAY, until=T0 + 2 * DAY).status == "clean"
 
 

