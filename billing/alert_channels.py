@@ -15,6 +15,7 @@ from billing.alerts import (
     alert_channel_secret_rotate,
     alert_delivery_attempt,
     channel_facts,
+    webhook_url_check,
 )
 from billing.models import Alert, AlertChannel, AlertDelivery
 from tenants.selectors import one_line
@@ -59,6 +60,8 @@ def alert_channel_update(
     channel.notify_exhausted = notify_exhausted
     channel.notify_spike = notify_spike
     channel.full_clean()
+    if channel.kind == AlertChannel.Kind.WEBHOOK and channel.url != url_before:
+        webhook_url_check(channel.url)
     after = channel_facts(channel)
     changed = [key for key in after if after[key] != before[key]]
     if not changed and channel.url == url_before:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import F, Min, Q, Sum
@@ -42,6 +43,7 @@ from billing.pricing import NANOS_PER_USD, nanos_to_usd
 from billing.rollups import hour_floor
 from billing.webhooks import (  # webhook_signature*: re-exported for receivers
     SIGNATURE_HEADER,
+    host_is_private,
     webhook_post,
     webhook_signature,
     webhook_signature_verify,  # noqa: F401
@@ -531,12 +533,30 @@ def channel_facts(channel: AlertChannel) -> dict[str, Any]:
     }
 
 
+PRIVATE_URL_REFUSAL = (
+    "This URL reaches a loopback, private, link-local or reserved address; webhooks go to "
+    "public hosts only."
+)
+
+
+def webhook_url_check(url: str) -> None:
+    """Refuse, when a channel is saved, a webhook URL that reaches our own network (SSRF),
+    so the admin hears at once; every delivery checks again (DNS may change)."""
+    if settings.TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS:
+        return
+    host = urlsplit(url).hostname
+    if host and host_is_private(host):
+        raise ValidationError({"url": PRIVATE_URL_REFUSAL})
+
+
 @transaction.atomic
 def alert_channel_create(*, channel: AlertChannel, actor: Actor) -> str:
     """Save a new channel; a webhook gets a fresh signing secret, returned to show once."""
     secret = webhook_secret_generate() if channel.kind == AlertChannel.Kind.WEBHOOK else ""
     channel.set_secret(secret)
     channel.full_clean()
+    if channel.kind == AlertChannel.Kind.WEBHOOK:
+        webhook_url_check(channel.url)
     channel.save()
     audit_record(
         actor=actor,

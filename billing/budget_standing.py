@@ -9,8 +9,16 @@ elapsed in it (since the budget was created, for a lifetime budget).
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from billing.budget_counters import BudgetCounters, BudgetLine
-from billing.budget_ledger import budget_line_at, in_thread
+from asgiref.sync import async_to_sync
+from django.conf import settings
+
+from billing.budget_counters import (
+    BudgetCounters,
+    BudgetLine,
+    InProcessBudgetCounters,
+    redis_budget_counters,
+)
+from billing.budget_ledger import abudget_counters_seed, budget_line_at, in_thread
 from tenants.models import Budget
 
 # A burn rate measured over less than this is noise (the first minutes of a day).
@@ -131,3 +139,45 @@ async def abudget_standings(
         _standing(budget, line, spend.settled_nanos, spend.reserved_nanos, spend.refused)
         for (budget, line), spend in zip(pairs, spends, strict=True)
     ]
+
+
+async def _abudget_standings_seeded(
+    counters: BudgetCounters, budgets: dict[int, Budget], at: datetime, org_id: int
+) -> dict[int, BudgetStanding]:
+    standings = await abudget_standings(counters=counters, at=at, org_id=org_id)
+    # No counter yet this period: seed it from the ledger, as the proxy's first request would.
+    missing = [
+        budget_line_at(budgets[s.budget_id], at)
+        for s in standings
+        if s.settled_nanos is None and s.budget_id in budgets
+    ]
+    if missing:
+        await abudget_counters_seed(counters=counters, lines=missing)
+        standings = await abudget_standings(counters=counters, at=at, org_id=org_id)
+    return {standing.budget_id: standing for standing in standings}
+
+
+async def _abudget_standings_read(
+    budgets: dict[int, Budget], at: datetime, org_id: int
+) -> dict[int, BudgetStanding]:
+    if settings.REDIS_URL:
+        async with redis_budget_counters(settings.REDIS_URL) as counters:
+            return await _abudget_standings_seeded(counters, budgets, at, org_id)
+    # The embedded default's counters live in the proxy's event loop, out of a web
+    # view's reach: read a fresh in-process copy seeded from the ledger instead (what a
+    # restarted process does): settled spend as ingested, nothing in flight.
+    return await _abudget_standings_seeded(InProcessBudgetCounters(), budgets, at, org_id)
+
+
+def budget_standings_read(
+    *, budgets: dict[int, Budget], at: datetime, org_id: int
+) -> dict[int, BudgetStanding]:
+    """The org's budget standings at `at` by budget id, for sync code (pages, the API).
+
+    `budgets` (with `org` loaded) are the ones whose missing counters get seeded from
+    the ledger first. Call it outside a transaction: the ORM work runs in a helper
+    that hands its connection back.
+    """
+    if not budgets:
+        return {}
+    return async_to_sync(_abudget_standings_read)(budgets, at, org_id)

@@ -54,3 +54,9 @@ def price_pick(
 def nanos_to_usd(nanos: int) -> Decimal:
     """Exact dollars for display; round only where it is shown."""
     return Decimal(nanos) / NANOS_PER_USD
+
+
+def usd_exact(nanos: int) -> str:
+    """Nano-USD as dollars with all 9 places ("0.000000120"): exact, never a float, never
+    an exponent (str() of a small Decimal says "1.2E-7")."""
+    return f"{Decimal(nanos).scaleb(-9):f}"

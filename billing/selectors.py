@@ -493,16 +493,6 @@ def statements_list(*, org_id: int) -> list[StatementSummary]:
     ]
 
 
-def first_unbilled_started_at(*, org_id: int) -> datetime | None:
-    """When the org's oldest event not yet on a statement started (None: all billed)."""
-    return (
-        UsageEvent.objects.filter(org_id=org_id, statement__isnull=True)
-        .order_by("started_at")
-        .values_list("started_at", flat=True)
-        .first()
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
     """One raw event, as an export of the requests behind a figure lists it."""
@@ -969,13 +959,18 @@ class _Span:
         return head | Q(started_at__gte=self.rolled_until, started_at__lt=until)
 
 
-def _rollup_edge(until: datetime) -> datetime | None:
+def rollups_complete_until() -> datetime | None:
     """The hour before which the rollups hold every ingested event (None: never built)."""
     watermark = RollupState.objects.filter(pk=1).values_list("ingested_through", flat=True).first()
     if watermark is None:
         return None
     # An event committed slowly around the last run may be missing from its hour.
-    return min(hour_floor(watermark - LATE_COMMIT_MARGIN), hour_floor(until))
+    return hour_floor(watermark - LATE_COMMIT_MARGIN)
+
+
+def _rollup_edge(until: datetime) -> datetime | None:
+    edge = rollups_complete_until()
+    return None if edge is None else min(edge, hour_floor(until))
 
 
 def _span(since: datetime, edge: datetime | None) -> _Span:

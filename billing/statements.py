@@ -14,7 +14,7 @@ difference between the rounded total and the sum of the rounded lines is shown a
 
 import calendar
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
@@ -235,6 +235,29 @@ def statement_view(*, org: Organization, month: date, team_id: int | None = None
         lines=tuple(line for line in view.lines if line.team_id == team_id),
         team_id=team_id,
     )
+
+
+def statement_first_open_month(*, org: Organization) -> date:
+    """The oldest month that has no statement yet and will get one (months close in order):
+    the month after the last statement, else the month of the oldest unbilled event, and
+    never later than the current month in the org's time zone."""
+    current = _local_month(timezone.now(), org.time_zone)
+    last = Statement.objects.filter(org=org).order_by("-month").values_list("month", flat=True)
+    if (last_month := last.first()) is not None:
+        return min(next_month(last_month), current)
+    unbilled = UsageEvent.objects.filter(org=org, statement__isnull=True).order_by("started_at")
+    started_at = unbilled.values_list("started_at", flat=True).first()
+    return current if started_at is None else min(_local_month(started_at, org.time_zone), current)
+
+
+def statement_open_view(*, org: Organization, month: date, first_open: date) -> StatementView:
+    """An open month as it will close. Late usage of closed months goes on the oldest
+    open month's statement, so a later open month bills only its own usage (the raw
+    preview counts every unbilled earlier event as late usage)."""
+    view = statement_view(org=org, month=month)
+    if view.month == first_open:
+        return view
+    return replace(view, lines=tuple(line for line in view.lines if line.usage_month == view.month))
 
 
 def statement_close(

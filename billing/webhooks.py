@@ -71,6 +71,24 @@ def webhook_signature_verify(
     return any(matches)
 
 
+def host_is_private(host: str) -> bool:
+    """Whether `host` is, or resolves now to, an address of our own network (loopback,
+    private, link-local, reserved, "localhost"). A name that does not resolve yet cannot
+    be judged and counts as public: the call to it will fail, or be checked again then."""
+    host = host.rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        addresses = {str(ipaddress.ip_address(host))}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            return False
+        addresses = {str(info[4][0]) for info in infos}
+    return not all(address_is_public(address) for address in addresses)
+
+
 def address_is_public(address: str) -> bool:
     """True for a globally routable unicast address; False for anything of our own network.
 

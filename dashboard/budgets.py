@@ -2,10 +2,9 @@
 their settings.
 
 Standings come from the budget counters the proxy enforces, through
-`billing.budget_standing.abudget_standings`: Redis when it is configured. The
-embedded default's counters live in the proxy's event loop, out of a view's reach,
-so there a page reads a fresh in-process copy seeded from the ledger (exactly what
-a restarted process does): settled spend as ingested, nothing in flight.
+`billing.budget_standing.budget_standings_read`: Redis when it is configured, else a
+fresh in-process copy seeded from the ledger (settled spend as ingested, nothing in
+flight).
 
 Owners and admins change budgets; finance reads them all; members read the org's,
 their team's and their team's keys' budgets.
@@ -18,9 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Q, QuerySet
@@ -30,14 +27,8 @@ from django.urls import path
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing.budget_counters import (
-    MAX_NANOS,
-    BudgetCounters,
-    InProcessBudgetCounters,
-    redis_budget_counters,
-)
-from billing.budget_ledger import abudget_counters_seed, budget_line_at
-from billing.budget_standing import BudgetForecast, BudgetStanding, abudget_standings
+from billing.budget_counters import MAX_NANOS
+from billing.budget_standing import BudgetForecast, BudgetStanding, budget_standings_read
 from dashboard.access import ALL_ROLES, Viewer, org_page, render_page
 from dashboard.forms import DashboardForm, TeamChoiceField, actor_of
 from tenants.models import Budget, Organization, Team, VirtualKey
@@ -54,31 +45,6 @@ def usd_to_nanos(amount: Decimal) -> int:
 
 
 # ------------------------------------------------------------------ standings
-
-
-async def _astandings(
-    counters: BudgetCounters, budgets: dict[int, Budget], at: datetime, org_id: int
-) -> dict[int, BudgetStanding]:
-    standings = await abudget_standings(counters=counters, at=at, org_id=org_id)
-    # No counter yet this period: seed it from the ledger, as the proxy's first request would.
-    missing = [
-        budget_line_at(budgets[s.budget_id], at)
-        for s in standings
-        if s.settled_nanos is None and s.budget_id in budgets
-    ]
-    if missing:
-        await abudget_counters_seed(counters=counters, lines=missing)
-        standings = await abudget_standings(counters=counters, at=at, org_id=org_id)
-    return {standing.budget_id: standing for standing in standings}
-
-
-async def _aread_standings(
-    budgets: dict[int, Budget], at: datetime, org_id: int
-) -> dict[int, BudgetStanding]:
-    if settings.REDIS_URL:
-        async with redis_budget_counters(settings.REDIS_URL) as counters:
-            return await _astandings(counters, budgets, at, org_id)
-    return await _astandings(InProcessBudgetCounters(), budgets, at, org_id)
 
 
 def _percent(part: int, whole: int) -> str:
@@ -121,7 +87,7 @@ def budget_rows(
     if not ordered:
         return []
     by_id = {budget.pk: budget for budget in ordered}
-    standings = async_to_sync(_aread_standings)(by_id, at, org.pk)
+    standings = budget_standings_read(budgets=by_id, at=at, org_id=org.pk)
     rows = []
     for budget in ordered:
         standing = standings.get(budget.pk)

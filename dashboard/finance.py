@@ -22,7 +22,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
-from billing.pricing import nanos_to_usd
+from billing.pricing import usd_exact
 from billing.rollups import hour_floor
 from billing.selectors import (
     LEDGER_PAGE_SIZE,
@@ -30,7 +30,6 @@ from billing.selectors import (
     LedgerEntry,
     StatementSummary,
     UsageSummary,
-    first_unbilled_started_at,
     ledger_page,
     spend_per_day,
     statements_list,
@@ -41,7 +40,8 @@ from billing.statements import (
     LineView,
     StatementView,
     month_bounds,
-    next_month,
+    statement_first_open_month,
+    statement_open_view,
     statement_view,
 )
 from dashboard.access import FINANCE_ROLES, Viewer, org_page, render_page
@@ -63,7 +63,6 @@ END_USERS_IN_CSV = 1_000_000
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
 MAX_REPORT_DAYS = 731  # two years
 OPEN_MONTHS_LISTED = 12
-_USD_EXACT = Decimal("0.000000001")
 
 
 class BadRequest(Exception):
@@ -75,11 +74,6 @@ def _local_today(org: Organization) -> date:
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def usd_exact(nanos: int) -> str:
-    """Nano-USD as a plain decimal string with all 9 places: exact, never a float."""
-    return f"{nanos_to_usd(nanos).quantize(_USD_EXACT):f}"  # str() would say "9E-9"
 
 
 def dollars_of_cents(cents: int, *, signed: bool = False) -> str:
@@ -393,27 +387,6 @@ def _month_param(raw: str) -> date:
     return month
 
 
-def _first_open_month(org: Organization, closed: list[StatementSummary]) -> date:
-    """The oldest month without a statement that will get one: months close in order."""
-    current = _local_today(org).replace(day=1)
-    if closed:
-        return min(next_month(closed[0].month), current)
-    started_at = first_unbilled_started_at(org_id=org.pk)
-    if started_at is None:
-        return current
-    return min(started_at.astimezone(ZoneInfo(org.time_zone)).date().replace(day=1), current)
-
-
-def _open_preview(view: StatementView, first_open: date) -> StatementView:
-    """An open month as it will close. Months close in order, so late usage of closed
-    months goes on the oldest open month's statement, and a later open month bills only
-    its own usage (the raw preview counts every unbilled earlier event as late usage)."""
-    if view.month == first_open:
-        return view
-    lines = tuple(line for line in view.lines if line.usage_month == view.month)
-    return dataclasses.replace(view, lines=lines)
-
-
 def _teams(org: Organization, view: StatementView) -> list[tuple[int, str]]:
     """Teams to pick for chargeback: the org's teams, plus teams gone since (named on lines)."""
     teams = dict(org.teams.order_by("name").values_list("pk", "name"))
@@ -439,13 +412,12 @@ def statements(request: HttpRequest, viewer: Viewer) -> HttpResponse:
     """The org's closed statements, newest first, under the open month(s) previewed."""
     org = viewer.org
     closed = statements_list(org_id=org.pk)
-    first_open = _first_open_month(org, closed)
+    first_open = statement_first_open_month(org=org)
     current = _local_today(org).replace(day=1)
     open_months = []
     month = current
     while month >= first_open and len(open_months) < OPEN_MONTHS_LISTED:
-        view = _open_preview(statement_view(org=org, month=month), first_open)
-        open_months.append(view)
+        open_months.append(statement_open_view(org=org, month=month, first_open=first_open))
         month = (month - timedelta(days=1)).replace(day=1)
     context = {
         "open_months": open_months,
@@ -521,9 +493,8 @@ def statement(request: HttpRequest, viewer: Viewer, month: str) -> HttpResponse:
     """One month's statement (the org's, or one team's with ?team=): printable, CSV."""
     org = viewer.org
     wanted = _month_param(month)
-    closed_list = statements_list(org_id=org.pk)
-    closed = next((s for s in closed_list if s.month == wanted), None)
-    first_open = _first_open_month(org, closed_list)
+    closed = next((s for s in statements_list(org_id=org.pk) if s.month == wanted), None)
+    first_open = statement_first_open_month(org=org)
     current = _local_today(org).replace(day=1)
     if closed is None and not first_open <= wanted <= current:
         raise Http404(f"There is no statement for {wanted:%B %Y}.")
@@ -536,9 +507,10 @@ def statement(request: HttpRequest, viewer: Viewer, month: str) -> HttpResponse:
         context = {"error": str(error)}
         return render_page(request, viewer, "dashboard/statement.html", context, status=400)
 
-    whole = statement_view(org=org, month=wanted)
     if closed is None:
-        whole = _open_preview(whole, first_open)
+        whole = statement_open_view(org=org, month=wanted, first_open=first_open)
+    else:
+        whole = statement_view(org=org, month=wanted)
     teams = _teams(org, whole)
     team_name = None
     view = whole

@@ -321,11 +321,15 @@ def channel_new(request: HttpRequest, viewer: Viewer) -> HttpResponse:
     form = ChannelForm(request.POST or None, org=viewer.org)
     if request.method == "POST" and form.is_valid():
         channel = form.save(commit=False)
-        secret = alert_channel_create(channel=channel, actor=actor_of(request))
-        if secret:
-            return _secret_page(request, viewer, channel, secret, rotated=False)
-        messages.success(request, f"Alert channel '{channel.name}' added.")
-        return _back(viewer, "alert-channels")
+        try:
+            secret = alert_channel_create(channel=channel, actor=actor_of(request))
+        except ValidationError as refused:  # a webhook URL on our own network
+            form.add_error(None, refused)
+        else:
+            if secret:
+                return _secret_page(request, viewer, channel, secret, rotated=False)
+            messages.success(request, f"Alert channel '{channel.name}' added.")
+            return _back(viewer, "alert-channels")
     status = 400 if request.method == "POST" else 200
     return render_page(
         request, viewer, "dashboard/settings_channel_form.html", {"form": form}, status=status
@@ -338,13 +342,17 @@ def channel_edit(request: HttpRequest, viewer: Viewer, pk: int) -> HttpResponse:
     channel = get_object_or_404(AlertChannel, pk=pk, org=viewer.org)
     form = ChannelForm(request.POST or None, instance=channel, org=viewer.org)
     if request.method == "POST" and form.is_valid():
-        alert_channel_update(
-            channel=channel,
-            actor=actor_of(request),
-            **{name: value for name, value in form.cleaned_data.items() if name != "kind"},
-        )
-        messages.success(request, f"Alert channel '{form.cleaned_data['name']}' saved.")
-        return _back(viewer, "alert-channels")
+        try:
+            alert_channel_update(
+                channel=channel,
+                actor=actor_of(request),
+                **{name: value for name, value in form.cleaned_data.items() if name != "kind"},
+            )
+        except ValidationError as refused:  # a webhook URL on our own network
+            form.add_error(None, refused)
+        else:
+            messages.success(request, f"Alert channel '{form.cleaned_data['name']}' saved.")
+            return _back(viewer, "alert-channels")
     status = 400 if request.method == "POST" else 200
     context = {"form": form, "channel": AlertChannel.objects.get(pk=channel.pk)}
     return render_page(

@@ -2,6 +2,7 @@ from django.urls import path, re_path
 
 from dashboard import (
     accounts,
+    api_tokens,
     audit,
     budgets,
     finance,
@@ -27,4 +28,5 @@ urlpatterns = [
     *request_log.urlpatterns,
     *audit.urlpatterns,
     *org_settings.urlpatterns,
+    *api_tokens.urlpatterns,
 ]

@@ -79,6 +79,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "django_ratelimit",
     "tenants",
@@ -200,6 +203,51 @@ RATELIMIT_USE_CACHE = "default"
 RATELIMIT_VIEW = "gatewaysite.views.rate_limited"
 # Management API calls per user (or client address before sign-in).
 TOLLGATE_API_RATE_LIMIT = env_str("TOLLGATE_API_RATE_LIMIT", "600/m")
+
+# The management API (/api/v1/): see tenants/api/base.py for who may call what.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tenants.api.authentication.APITokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "tenants.api.pagination.ListPagination",
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["tenants.api.parsers.StrictJSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "tenants.api.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tollgate management API",
+    "DESCRIPTION": (
+        "Teams, members, virtual keys, budgets, providers, deployments, routes, usage, "
+        "cost reports, statements and the audit log of one organization. Authenticate "
+        "with an API token (`Authorization: Bearer tgm_...`) created under Settings in "
+        "the dashboard. Objects of other organizations answer 404. Changes accept "
+        "`If-Match` with the ETag of your last read, and answer 412 if someone changed "
+        "the object since."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"ProviderKindEnum": "routing.models.Provider.Kind"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "gatewaysite.openapi.key_info_path_add",
+        "gatewaysite.openapi.error_responses_add",
+    ],
+}
 # Django's own RedisCache increments atomically, which is all django-ratelimit
 # needs; in the embedded default one process owns the local-memory cache.
 SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + (

@@ -12,7 +12,11 @@ from tenants.crypto import decrypt_secret, encrypt_secret
 
 def validate_base_url(value: str) -> None:
     """An http(s) URL without credentials, query or fragment."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- parsed lazily: raises ValueError for a bad port
+    except ValueError:
+        raise ValidationError("Give a well-formed http:// or https:// URL.") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValidationError("Give an http:// or https:// URL.")
     if parts.username or parts.password or parts.query or parts.fragment:

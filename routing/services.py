@@ -1,8 +1,6 @@
 """Routing's write-side workflows, called by the admin, the dashboard (and later the API)."""
 
-import ipaddress
 import logging
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +11,7 @@ from django.db import transaction
 from django.db.models import Model
 
 from billing.services import catalog_price_ensure
-from billing.webhooks import address_is_public
+from billing.webhooks import host_is_private
 from routing.models import Deployment, Provider, Route
 from routing.providers.presets import default_base_url
 from tenants.models import Organization
@@ -128,19 +126,8 @@ def provider_base_url_check(*, kind: str, base_url: str) -> None:
     if _private_networks_allowed():
         return
     host = urlsplit(base_url or default_base_url(kind)).hostname
-    if not host:
-        return  # the model's own validator reports a missing host
-    if host == "localhost" or host.endswith(".localhost"):
-        raise ValidationError({"base_url": _PRIVATE_HOST_REFUSAL})
-    try:
-        addresses = {str(ipaddress.ip_address(host))}
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            return
-        addresses = {str(info[4][0]) for info in infos}
-    if not all(address_is_public(address) for address in addresses):
+    # No host: the model's own validator reports it.
+    if host and host_is_private(host):
         raise ValidationError({"base_url": _PRIVATE_HOST_REFUSAL})
 
 

@@ -7,7 +7,16 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from tenants.models import AuditLog, Budget, Membership, Organization, Team, VirtualKey
+from tenants.api_tokens import api_token_revoke
+from tenants.models import (
+    APIToken,
+    AuditLog,
+    Budget,
+    Membership,
+    Organization,
+    Team,
+    VirtualKey,
+)
 from tenants.services import Actor, virtual_key_issue, virtual_key_revoke
 
 
@@ -97,6 +106,30 @@ class VirtualKeyAdmin(admin.ModelAdmin):
 class BudgetAdmin(admin.ModelAdmin):
     list_display = ["__str__", "scope", "team", "key", "period", "limit_nanos", "enforcement"]
     list_filter = ["org", "scope", "period", "enforcement"]
+
+
+@admin.register(APIToken)
+class APITokenAdmin(ReadOnlyAdmin):
+    """Management API tokens: created in the dashboard (or `create_api_token`), where the
+    secret can be shown once; here they are listed and can be revoked."""
+
+    list_display = [
+        "name", "org", "role", "prefix", "created_by", "created_at", "last_used_at",
+        "expires_at", "revoked_at",
+    ]  # fmt: skip
+    list_filter = ["org", "role"]
+    search_fields = ["name", "prefix"]
+    exclude = ["secret_hash"]
+    actions = ["revoke_tokens"]
+
+    @admin.action(description="Revoke selected API tokens")
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[APIToken]) -> None:
+        for token in queryset:
+            api_token_revoke(token=token, actor=_actor(request))
+        self.message_user(request, f"Revoked {queryset.count()} API token(s).")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return obj is None  # the list and its revoke action; no edit form
 
 
 @admin.register(AuditLog)

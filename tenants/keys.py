@@ -46,24 +46,25 @@ def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
-def generate_key() -> GeneratedKey:
-    """A new random key with its visible prefix and hash."""
+def generate_key(scheme: str = KEY_SCHEME) -> GeneratedKey:
+    """A new random key with its visible prefix and hash; `scheme` is its fixed start
+    (three letters: "tgk" for virtual keys, "tgm" for management API tokens)."""
     key_id = "".join(secrets.choice(_ALPHABET) for _ in range(_ID_LENGTH))
     body = "".join(secrets.choice(_ALPHABET) for _ in range(_BODY_LENGTH))
-    prefix = f"{KEY_SCHEME}_{key_id}"
+    prefix = f"{scheme}_{key_id}"
     payload = f"{prefix}_{body}"
     plaintext = payload + _checksum(payload)
     return GeneratedKey(plaintext=plaintext, prefix=prefix, secret_hash=hash_key(plaintext))
 
 
-def key_prefix(presented: str) -> str | None:
-    """The prefix of a well-formed key with a valid checksum, else None."""
-    if len(presented) != KEY_LENGTH or not presented.startswith(KEY_SCHEME + "_"):
+def key_prefix(presented: str, scheme: str = KEY_SCHEME) -> str | None:
+    """The prefix of a well-formed key of `scheme` with a valid checksum, else None."""
+    if len(presented) != KEY_LENGTH or not presented.startswith(scheme + "_"):
         return None
     payload, checksum = presented[:-_CHECKSUM_LENGTH], presented[-_CHECKSUM_LENGTH:]
     if not hmac.compare_digest(_checksum(payload), checksum):
         return None
-    return presented[: len(KEY_SCHEME) + 1 + _ID_LENGTH]
+    return presented[: len(scheme) + 1 + _ID_LENGTH]
 
 
 def key_matches(presented: str, secret_hash: str) -> bool:

@@ -9,6 +9,7 @@ other at once cannot both succeed).
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -354,3 +355,19 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
         actor=actor, org=membership.org, action="membership.remove", target=membership, before=facts
     )
     membership.delete()
+
+
+# ---------------------------------------------------------------- API tokens
+
+
+def admin_grant_check(*, roles: Iterable[str | None]) -> None:
+    """PermissionDenied if an admin may not grant or touch one of `roles` (an owner).
+
+    For management API tokens: a token acts for no user, and the services above take a
+    user-less actor for an owner (the CLI, a seed). A token is at most an admin, so views
+    acting for one call this first, with the roles before and after the change.
+    """
+    if not set(roles) - {None} <= _grantable_roles(Role.ADMIN):
+        raise PermissionDenied(
+            "Only owners can make, change or remove owners; an API token acts as an admin."
+        )

@@ -226,6 +226,52 @@ class Budget(models.Model):
             raise ValidationError({"soft_thresholds": "Give whole percentages from 1 to 100."})
 
 
+class APITokenQuerySet(models.QuerySet["APIToken"]):
+    def active(self) -> "APITokenQuerySet":
+        now = timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+        )
+
+
+class APIToken(models.Model):
+    """A token for the management API, scoped to one organization with one role.
+
+    Looks like a virtual key with a "tgm_" start; only its SHA-256 is stored.
+    """
+
+    class Role(models.TextChoices):
+        ADMIN = "admin", "Admin: read and change everything"
+        FINANCE = "finance", "Finance: read everything, change budgets"
+        READ_ONLY = "read_only", "Read-only"
+
+    org = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    prefix = models.CharField(max_length=32, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = APITokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        now = timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
 class AuditLog(models.Model):
     """Append-only record of every administrative change."""
 

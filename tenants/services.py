@@ -80,6 +80,67 @@ def team_create(*, org: Organization, slug: str, name: str, actor: Actor) -> Tea
     return team
 
 
+_TEAM_EDITABLE = ("name", "rpm_limit", "tpm_limit")
+_LIMITS = ("rpm_limit", "tpm_limit")
+
+
+@transaction.atomic
+def organization_limits_update(
+    *, org: Organization, actor: Actor, rpm_limit: int | None, tpm_limit: int | None
+) -> Organization:
+    """Change the org-wide rate limits (every key's requests count against them)."""
+    org = Organization.objects.select_for_update().get(pk=org.pk)
+    before = _audit_values(org, _LIMITS)
+    org.rpm_limit, org.tpm_limit = rpm_limit, tpm_limit
+    org.full_clean()
+    old, new = _changes(before, _audit_values(org, _LIMITS))
+    if not new:
+        return org
+    org.save(update_fields=[*new, "updated_at"])
+    audit_record(
+        actor=actor, org=org, action="organization.limits", target=org, before=old, after=new
+    )
+    return org
+
+
+@transaction.atomic
+def team_update(
+    *, team: Team, actor: Actor, name: str, rpm_limit: int | None, tpm_limit: int | None
+) -> Team:
+    """Rename a team or change its rate limits (its slug, in URLs and reports, stays)."""
+    team = Team.objects.select_for_update().select_related("org").get(pk=team.pk)
+    before = _audit_values(team, _TEAM_EDITABLE)
+    team.name, team.rpm_limit, team.tpm_limit = name, rpm_limit, tpm_limit
+    team.full_clean()
+    old, new = _changes(before, _audit_values(team, _TEAM_EDITABLE))
+    if not new:
+        return team
+    team.save(update_fields=[*new, "updated_at"])
+    audit_record(
+        actor=actor, org=team.org, action="team.update", target=team, before=old, after=new
+    )
+    return team
+
+
+@transaction.atomic
+def team_delete(*, team: Team, actor: Actor) -> None:
+    """Delete a team that has no keys (revoked ones included: their usage names the team)."""
+    team = Team.objects.select_for_update().select_related("org").get(pk=team.pk)
+    if team.keys.exists():
+        raise ValidationError(
+            "This team still has virtual keys (revoked keys count: their usage history "
+            "names the team). Move or keep the team instead."
+        )
+    audit_record(
+        actor=actor, org=team.org, action="team.delete", target=team,
+        before={"slug": team.slug, "name": team.name},
+    )  # fmt: skip
+    try:
+        team.delete()
+    except models.ProtectedError:
+        raise ValidationError("This team has usage on record; it is kept for reports.") from None
+
+
 @transaction.atomic
 def membership_set(
     *,

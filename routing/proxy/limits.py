@@ -35,6 +35,7 @@ from billing.budget_counters import (
 from billing.budget_ledger import abudget_counters_seed
 from billing.budget_standing import budget_forecast
 from billing.contracts import PriceRates
+from billing.pricing import usd_exact
 from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import LimitExceeded, LimitsUnavailable
 from routing.snapshot import ConfigSnapshot
@@ -348,11 +349,6 @@ async def admit(
     return Admission(counters, request_id, lines, charges, result.levels)
 
 
-def _usd_text(nanos: int) -> str:
-    """Exact dollars as a decimal string (no rounding): "12.345678901"."""
-    return str((Decimal(nanos) / 10**9).normalize().quantize(Decimal("0.000000001")))
-
-
 def _iso(instant: datetime | None) -> str | None:
     return None if instant is None else instant.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -403,16 +399,16 @@ async def key_limits_report(
                 "name": spec.label,
                 "period": spec.period,
                 "enforcement": "hard" if spec.hard else "soft",
-                "limit_usd": _usd_text(spec.limit_nanos),
-                "spent_usd": _usd_text(settled),
-                "reserved_usd": _usd_text(spend.reserved_nanos),
-                "remaining_usd": _usd_text(remaining),
+                "limit_usd": usd_exact(spec.limit_nanos),
+                "spent_usd": usd_exact(settled),
+                "reserved_usd": usd_exact(spend.reserved_nanos),
+                "remaining_usd": usd_exact(remaining),
                 "period_start": _iso(window.start_at if window.end_at is not None else None),
                 "resets_at": _iso(window.end_at),
                 "forecast": {
                     "projected_usd": None
                     if forecast.projected_nanos is None
-                    else _usd_text(forecast.projected_nanos),
+                    else usd_exact(forecast.projected_nanos),
                     "exhausted_at": _iso(forecast.exhausted_at),
                 },
             }

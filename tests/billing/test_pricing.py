@@ -7,7 +7,7 @@ from itertools import count
 import pytest
 
 from billing.contracts import PriceRates, TokenUsage
-from billing.pricing import cost_nanos, price_pick
+from billing.pricing import cost_nanos, price_pick, usd_exact
 
 JAN_1 = datetime(2025, 1, 1, tzinfo=UTC)
 ORG_ID = 7
@@ -196,3 +196,10 @@ def test_another_orgs_override_is_never_used() -> None:
 
 def test_no_price_applies_to_no_candidates() -> None:
     assert price_pick([], org_id=ORG_ID, moment=NOW) is None
+
+
+def test_exact_dollars_keep_nine_places_and_never_an_exponent() -> None:
+    assert usd_exact(0) == "0.000000000"  # once shown as "0E-9" in /v1/key/info
+    assert usd_exact(120) == "0.000000120"
+    assert usd_exact(250 * 10**9) == "250.000000000"
+    assert usd_exact(-5) == "-0.000000005"

@@ -70,6 +70,6 @@ def test_only_owners_and_admins_of_the_org_see_deployment_health(
     url = f"{gateway.base_url}/api/v1/deployments/health/?org={org.slug}"
     assert httpx.get(url, cookies=outsider).status_code == 404
     assert httpx.get(url, cookies=finance).status_code == 403
-    assert httpx.get(url).status_code == 403, "not signed in"
+    assert httpx.get(url).status_code == 401, "not signed in"
     page = f"{gateway.base_url}/dashboard/health/?org={org.slug}"
     assert httpx.get(page, cookies=finance).status_code == 403

@@ -268,6 +268,13 @@ def test_channel_urls_and_recipients_are_validated(org: Organization) -> None:
     )
     assert bad_url.status_code == 400 and "http:// or https://" in bad_url.content.decode()
     assert bad_mail.status_code == 400 and "is not an e-mail address" in bad_mail.content.decode()
+    # Refused when saved, not only when the first alert is sent.
+    internal = client.post(
+        url(org, "settings_channel_new"),
+        {"name": "x", "kind": "webhook", "url": "http://169.254.169.254/latest/"},
+    )
+    assert internal.status_code == 400 and "public hosts only" in internal.content.decode()
+    assert not AlertChannel.objects.exists()
     good = client.post(
         url(org, "settings_channel_new"),
         {"name": "finance", "kind": "email", "recipients": "a@example.com, b@example.com"},

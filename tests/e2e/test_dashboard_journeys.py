@@ -10,6 +10,7 @@ import io
 import uuid
 from datetime import timedelta
 
+import httpx
 import openai
 import pytest
 from django.utils import timezone
@@ -153,6 +154,25 @@ def test_an_admin_issues_a_key_sends_traffic_watches_it_arrive_and_sets_a_budget
     open_page(page, "Audit log")
     expect(page.locator("#audit-log")).to_contain_text("budget.create")
     expect(page.locator("#audit-log")).to_contain_text("virtual_key.issue")
+
+    # An API token for scripts: shown once, and it works against the management API.
+    open_page(page, "Settings")
+    page.get_by_role("link", name="Manage API tokens").click()
+    page.get_by_label("Name").fill("terraform")
+    page.get_by_label("Role").select_option("admin")
+    page.get_by_role("button", name="Create token").click()
+    token = page.locator("#api-token-secret").inner_text().strip()
+    assert token.startswith("tgm_")
+    screenshot(page, "15-api-token-created")
+    teams = httpx.get(
+        f"{site.base_url}/api/v1/teams/", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert [team["name"] for team in teams.json()["data"]] == ["Platform"]
+    # The API documentation renders from the project's own static files.
+    page.goto(f"{site.base_url}/api/docs/")
+    expect(page.get_by_text("Tollgate management API").first).to_be_visible()
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    screenshot(page, "16-api-docs")
 
 
 def test_finance_reads_reports_and_exports_csv_but_sees_no_secrets_and_cannot_issue_keys(

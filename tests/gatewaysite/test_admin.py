@@ -34,7 +34,8 @@ def test_every_model_has_working_admin_pages(admin_client_logged_in: Client) -> 
         # Append-only and computed models (ledger, audit log, rollups) refuse "add" on purpose.
         read_only = {
             "billing.UsageEvent", "tenants.AuditLog", "billing.UsageRollup",
-            "billing.UsageTagRollup", "billing.ReconciliationRun", "billing.RollupState",
+            "billing.UsageTagRollup", "billing.UsageTeamRollup", "billing.ReconciliationRun",
+            "billing.RollupState", "tenants.APIToken",
             "billing.Statement", "billing.Alert", "billing.AlertDelivery",
         }  # fmt: skip
         expected = 403 if opts.label in read_only else 200

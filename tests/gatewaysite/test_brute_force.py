@@ -66,9 +66,10 @@ def test_the_management_api_refuses_a_caller_over_its_rate() -> None:
     assert [client.get(url, REMOTE_ADDR=address).status_code for _ in range(3)] == [200] * 3
     refused = client.get(url, REMOTE_ADDR=address)
     assert refused.status_code == 429 and refused["Retry-After"] == "60"
-    assert "Too many API calls" in refused.json()["detail"]
+    assert "Too many API calls" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
 
     # Callers who are not signed in are counted by address, failures included.
     anonymous, elsewhere = Client(), fresh_address()
     statuses = [anonymous.get(url, REMOTE_ADDR=elsewhere).status_code for _ in range(4)]
-    assert statuses == [403, 403, 403, 429]
+    assert statuses == [401, 401, 401, 429]

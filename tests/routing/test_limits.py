@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 from django.conf import settings
+from django.test import override_settings
 
 from billing.alert_tasks import budget_alerts_check
 from billing.alerts import alert_channel_create
@@ -148,6 +149,7 @@ def check_alerts(embedded: bool) -> None:
         budget_alerts_check.apply()
 
 
+@override_settings(TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=True)  # the receiver is on loopback
 def test_thresholds_alert_once_each_with_a_signature_the_receiver_verifies(
     gateway: GatewayServer, org: Organization, capped: None, live_key: IssueKey
 ) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gatewaysite.demo import demo_seed
+from gatewaysite.demo import DEMO_ORG_SLUG, demo_seed
 
 
 class Command(BaseCommand):
@@ -33,6 +33,8 @@ Tollgate is starting on {base}
   Dashboard:  {base}/dashboard/   sign in as {seed.admin_username!r} (owner), 'finance' or
               'member' (team research); every demo user's password is {seed.admin_password!r}
   Admin:      {base}/admin/   (user {seed.admin_username!r})
+  API docs:   {base}/api/docs/   tokens: dashboard Settings > API tokens, or
+              manage.py create_api_token --org {DEMO_ORG_SLUG} --name cli --role admin
   Demo key:   {key}
               (team "platform"; saved in var/demo-keys.json with the other demo key)
 
