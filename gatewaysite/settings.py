@@ -198,6 +198,8 @@ if REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Per process, so a deploy never serves the previous code's OpenAPI schema.
+CACHES["schema"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 
 RATELIMIT_USE_CACHE = "default"
 RATELIMIT_VIEW = "gatewaysite.views.rate_limited"

@@ -9,7 +9,6 @@ other at once cannot both succeed).
 
 import hashlib
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,9 +34,10 @@ class InvitationUnusable(Exception):
 
 
 def _role_of(actor: Actor, org: Organization) -> str | None:
-    """The actor's role in `org`; a tool without a user (the CLI, a seed) acts as an owner."""
+    """The actor's role in `org`. A tool without a user acts with its own role (an API
+    token: at most admin), else (the CLI, a seed) as an owner."""
     if actor.user is None or not actor.user.pk:
-        return Role.OWNER
+        return actor.role or Role.OWNER
     return (
         Membership.objects.filter(org=org, user=actor.user).values_list("role", flat=True).first()
     )
@@ -355,19 +355,3 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
         actor=actor, org=membership.org, action="membership.remove", target=membership, before=facts
     )
     membership.delete()
-
-
-# ---------------------------------------------------------------- API tokens
-
-
-def admin_grant_check(*, roles: Iterable[str | None]) -> None:
-    """PermissionDenied if an admin may not grant or touch one of `roles` (an owner).
-
-    For management API tokens: a token acts for no user, and the services above take a
-    user-less actor for an owner (the CLI, a seed). A token is at most an admin, so views
-    acting for one call this first, with the roles before and after the change.
-    """
-    if not set(roles) - {None} <= _grantable_roles(Role.ADMIN):
-        raise PermissionDenied(
-            "Only owners can make, change or remove owners; an API token acts as an admin."
-        )

@@ -21,6 +21,9 @@ class Actor:
     user: AbstractBaseUser | None = None
     label: str = ""
     ip_address: str | None = None
+    # A tool's membership role where it matters (who may grant what): an API token acts
+    # with its own; None for the CLI or a seed, which act as owners.
+    role: str | None = None
 
     @classmethod
     def system(cls, label: str) -> "Actor":

@@ -89,7 +89,9 @@ def caller_of(request: Request) -> Caller:
         token = request.auth
         if slug and slug != token.org.slug:
             raise exceptions.NotFound("No such organization.")
-        actor = Actor(label=f"api token {token.prefix}", ip_address=_client_ip(request))
+        # The token's role as a membership role: finance, or admin (never owner).
+        role = token.role if token.role != Role.READ_ONLY else Membership.Role.MEMBER
+        actor = Actor(label=f"api token {token.prefix}", ip_address=_client_ip(request), role=role)
         return Caller(org=token.org, role=token.role, actor=actor, token=token)
     org, membership_role = _session_org(request.user, slug)
     role = SESSION_ROLES.get(membership_role or "")

@@ -1,9 +1,8 @@
 """Members and invitations: list, change roles and teams, remove, invite, revoke.
 
 The guards (only owners make or touch owners, nobody changes their own membership,
-an org keeps an owner) live in tenants/members.py. An API token acts for no user,
-which those services would take for an owner (like the CLI): for token callers the
-views first apply `admin_grant_check`, so a token acts as the admin it is.
+an org keeps an owner) live in tenants/members.py. An API token acts for no user but
+with its role (`Actor.role`), so those guards treat an admin token as the admin it is.
 """
 
 from typing import Any
@@ -25,7 +24,6 @@ from tenants.api.base import (
 )
 from tenants.api.keys import OrgTeamField, ShownOnceSchema
 from tenants.members import (
-    admin_grant_check,
     invitation_create,
     invitation_email_send,
     invitation_revoke,
@@ -159,8 +157,6 @@ class MemberDetailView(MemberView):
                 team: Team | None = values.get("team", membership.team)
                 if "team" in values and team is not None and role != Role.MEMBER:
                     raise serializers.ValidationError({"team": TEAM_IS_FOR_MEMBERS})
-                if self.caller.token is not None:
-                    admin_grant_check(roles=[membership.role, role])
                 membership = membership_change(
                     membership=membership, role=role, team=team, actor=self.caller.actor
                 )
@@ -179,8 +175,6 @@ class MemberDetailView(MemberView):
         try:
             with transaction.atomic():
                 membership = self.locked_object()
-                if self.caller.token is not None:
-                    admin_grant_check(roles=[membership.role])
                 membership_remove(membership=membership, actor=self.caller.actor)
         except DjangoValidationError as refused:
             raise refusal_as_conflict(refused) from None
@@ -218,8 +212,6 @@ class InvitationListView(InvitationView):
         given = InvitationCreateSerializer(data=request.data, context={"org": self.caller.org})
         given.is_valid(raise_exception=True)
         values = given.validated_data
-        if self.caller.token is not None:
-            admin_grant_check(roles=[values["role"]])
         issued = invitation_create(
             org=self.caller.org, role=values["role"], email=values.get("email", ""),
             team=values.get("team"), actor=self.caller.actor,
@@ -257,7 +249,5 @@ class InvitationDetailView(InvitationView):
     def delete(self, request: Request, pk: int) -> Response:
         with transaction.atomic():
             invitation = self.locked_object()
-            if self.caller.token is not None and invitation.status == Invitation.Status.PENDING:
-                admin_grant_check(roles=[invitation.role])
             invitation_revoke(invitation=invitation, actor=self.caller.actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
