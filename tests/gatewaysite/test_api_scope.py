@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from drf_spectacular.generators import SchemaGenerator
 
-from billing.models import Statement
+from billing.models import AlertChannel, Statement
 from routing.models import Deployment, Provider, Route
 from tenants.api_tokens import api_token_create
 from tenants.members import invitation_create
@@ -45,8 +45,12 @@ def other_orgs_objects(org: Organization) -> dict[str, Any]:
         org=org, month=date(2026, 1, 1), time_zone="UTC", period_start=start,
         period_end=start + timedelta(days=31), closed_at=start + timedelta(days=32),
     )  # fmt: skip
+    channel = AlertChannel.objects.create(
+        org=org, name="b alerts", kind=AlertChannel.Kind.EMAIL, recipients="b@example.com"
+    )
     return {
-        "teams": team, "keys": key, "members": membership, "invitations": invitation,
+        "alert-channels": channel, "teams": team, "keys": key, "members": membership,
+        "invitations": invitation,
         "budgets": budget, "providers": provider, "deployments": deployment, "routes": route,
         "statements": statement, "audit": AuditLog.objects.filter(org=org).first(),
     }  # fmt: skip
