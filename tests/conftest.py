@@ -51,15 +51,17 @@ def fresh_counters() -> None:
 def flush_survives_deadlocks() -> Iterator[None]:
     """Transactional tests empty the database (TRUNCATE) while live servers read it (a
     gateway reloading its configuration, a Celery worker); PostgreSQL may pick the
-    TRUNCATE as a deadlock's victim. It is simply tried again."""
+    TRUNCATE as a deadlock's victim. It is simply tried again, backing off (a loaded
+    machine can lose the race several times in a row)."""
     original = TransactionTestCase._fixture_teardown
+    attempts = 10
 
     def teardown_retrying(test_case: TransactionTestCase) -> None:
-        for attempt in range(1, 6):
+        for attempt in range(1, attempts + 1):
             try:
                 return original(test_case)
             except CommandError as error:
-                if attempt == 5 or "deadlock detected" not in str(error.__cause__):
+                if attempt == attempts or "deadlock detected" not in str(error.__cause__):
                     raise
                 time.sleep(0.1 * attempt)
 

@@ -55,7 +55,6 @@ class Caller:
     org: Organization
     role: str
     actor: Actor
-    token: APIToken | None = None
 
 
 def _client_ip(request: Request) -> str | None:
@@ -92,7 +91,7 @@ def caller_of(request: Request) -> Caller:
         # The token's role as a membership role: finance, or admin (never owner).
         role = token.role if token.role != Role.READ_ONLY else Membership.Role.MEMBER
         actor = Actor(label=f"api token {token.prefix}", ip_address=_client_ip(request), role=role)
-        return Caller(org=token.org, role=token.role, actor=actor, token=token)
+        return Caller(org=token.org, role=token.role, actor=actor)
     org, membership_role = _session_org(request.user, slug)
     role = SESSION_ROLES.get(membership_role or "")
     if role is None:
