@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError
 from django.http import Http404
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -66,7 +67,14 @@ def error_body(
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    if isinstance(exc, DjangoValidationError):
+    if isinstance(exc, OverflowError | DataError):
+        # A number beyond what the database stores (an id of 10**30 in a filter): SQLite
+        # raises OverflowError, PostgreSQL DataError. The caller's input, not our fault.
+        logger.info("Management API input out of range: %s", exc)
+        exc = exceptions.ValidationError(
+            {"non_field_errors": ["A value in the request is out of range."]}
+        )
+    elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(
             exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         )
