@@ -14,7 +14,7 @@ TEST_SECRETS := SECRET_KEY=tollgate-test-secret-key-0123456789abcdefghijklmnopqr
 	TOLLGATE_ENCRYPTION_KEYS=dGVzdC1vbmx5LWZlcm5ldC1rZXktMDEyMzQ1Njc4OWE= \
 	ALLOWED_HOSTS=127.0.0.1,localhost,testserver
 
-.PHONY: install run stack mock test lint test-postgres test-embedded browser bench-dashboard clean
+.PHONY: install run stack mock test lint test-postgres test-embedded browser bench bench-dashboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ test-postgres: install
 test-embedded: install
 	env -u DATABASE_URL -u REDIS_URL -u SECRET_KEY -u TOLLGATE_ENCRYPTION_KEYS -u DEBUG \
 		$(PY) -m pytest $(PYTEST_ARGS)
+
+# Proxy benchmark: Tollgate vs LiteLLM Proxy vs direct to the mock, interleaved rounds
+# (PostgreSQL scratch database, Redis db 8; installs wrk and LiteLLM on first use).
+# Writes bench/RESULTS.md; e.g. `make bench BENCH_ARGS="--rounds 1"`.
+BENCH_ARGS ?= --rounds 3
+bench: install
+	$(PY) bench/proxy.py $(BENCH_ARGS)
 
 # Dashboard render times with a month of usage for 300 keys (PostgreSQL + Redis).
 bench-dashboard: install

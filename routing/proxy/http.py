@@ -17,6 +17,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    # Built only when needed: an exception per request was a measurable cost.
+    return PayloadTooLarge(f"Request body is larger than the limit of {max_bytes} bytes.")
+
+
 class ClientGone(Exception):
     """The client disconnected before its request was read."""
 
@@ -87,13 +92,12 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Pro
         started_at=datetime.now(UTC),
         started_monotonic=time.monotonic(),
     )
-    too_large = PayloadTooLarge(f"Request body is larger than the limit of {max_bytes} bytes.")
     declared = headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidRequest("Content-Length is not a number.")
         if int(declared) > max_bytes:
-            raise too_large
+            raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -103,7 +107,7 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Pro
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise too_large
+            raise _too_large(max_bytes)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break

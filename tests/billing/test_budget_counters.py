@@ -370,3 +370,16 @@ async def test_a_refusing_line_remembers_it_for_its_period(harness: Harness) -> 
     next_month = line(1, 100, at=datetime(2025, 7, 1, tzinfo=UTC))
     await seed_zero(harness, next_month)
     assert not (await harness.counters.spent([next_month]))[0].refused
+
+
+async def test_counters_keep_working_after_redis_forgets_the_script(harness: Harness) -> None:
+    if harness.client is None:
+        pytest.skip("Redis only: a restarted Redis has no scripts cached")
+    limited = line(41, 10 * USD)
+    await seed_zero(harness, limited)
+    await harness.client.script_flush()  # as after a Redis restart or failover
+
+    result = await harness.counters.reserve("after-flush", [limited], 2 * USD, ttl_s=60)
+
+    assert result.status == ReserveStatus.RESERVED
+    assert await totals(harness, limited) == [(0, 2 * USD)]
