@@ -15,7 +15,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from billing.live import live_group, live_serving_loop_register
-from billing.selectors import key_prefixes
+from billing.overview import key_prefixes
 from tenants.models import Membership
 
 CLOSE_FORBIDDEN = 4403

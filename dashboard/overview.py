@@ -13,8 +13,8 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from billing.budget_periods import budget_window
+from billing.overview import UsageOverview, live_feed_requests, usage_overview
 from billing.rollups import day_floor, hour_floor
-from billing.selectors import UsageOverview, live_feed_requests, usage_overview
 from dashboard.access import Viewer, org_page, render_page
 from dashboard.budgets import BudgetRow, budget_rows, budgets_visible
 from tenants.models import Budget

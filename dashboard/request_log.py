@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from billing.bodies import body_log_max_bytes, body_log_retention_days
 from billing.models import UsageEvent
-from billing.selectors import (
+from billing.request_log import (
     REQUEST_LOG_PAGE_SIZE,
     KeyChoice,
     RequestDetail,
