@@ -344,11 +344,8 @@ def usage_series(
     )  # fmt: skip
     if model is not None:
         rows = rows.filter(model=model)
-    buckets = _grouped_measures(rows, "bucket_start")
-    return [
-        UsageSummary.of(start, start.isoformat(), buckets[start])  # type: ignore[arg-type]
-        for start in sorted(buckets)  # type: ignore[type-var]
-    ]
+    buckets: dict[Any, Measures] = _grouped_measures(rows, "bucket_start")
+    return [UsageSummary.of(start, start.isoformat(), buckets[start]) for start in sorted(buckets)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 import uuid
 import zoneinfo
+from typing import Any, Self
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -101,19 +102,35 @@ class Membership(models.Model):
             raise ValidationError({"team": "The team belongs to another organization."})
 
 
-class VirtualKeyQuerySet(models.QuerySet["VirtualKey"]):
-    def for_org(self, org: Organization) -> "VirtualKeyQuerySet":
-        return self.filter(org=org)
+class RevocableQuerySet(models.QuerySet[Any]):
+    """Rows with `revoked_at` and `expires_at` (virtual keys, API tokens)."""
 
-    def active(self) -> "VirtualKeyQuerySet":
-        """Keys that are neither revoked nor past their expiry."""
+    def active(self) -> Self:
+        """Those neither revoked nor past their expiry."""
         now = timezone.now()
         return self.filter(revoked_at__isnull=True).filter(
             Q(expires_at__isnull=True) | Q(expires_at__gt=now)
         )
 
 
-class VirtualKey(RateLimited):
+class Revocable:
+    """`is_active` for a model with `revoked_at` and `expires_at` fields."""
+
+    revoked_at: Any
+    expires_at: Any
+
+    @property
+    def is_active(self) -> bool:
+        now = timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class VirtualKeyQuerySet(RevocableQuerySet):
+    def for_org(self, org: Organization) -> Self:
+        return self.filter(org=org)
+
+
+class VirtualKey(Revocable, RateLimited):
     org = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="keys")
     team = models.ForeignKey(
         Team, on_delete=models.PROTECT, null=True, blank=True, related_name="keys"
@@ -157,11 +174,6 @@ class VirtualKey(RateLimited):
             raise ValidationError({"allowed_models": "Give a list of model names."})
         if not isinstance(self.metadata, dict):
             raise ValidationError({"metadata": "Give a JSON object."})
-
-    @property
-    def is_active(self) -> bool:
-        now = timezone.now()
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
 class Budget(models.Model):
@@ -226,15 +238,7 @@ class Budget(models.Model):
             raise ValidationError({"soft_thresholds": "Give whole percentages from 1 to 100."})
 
 
-class APITokenQuerySet(models.QuerySet["APIToken"]):
-    def active(self) -> "APITokenQuerySet":
-        now = timezone.now()
-        return self.filter(revoked_at__isnull=True).filter(
-            Q(expires_at__isnull=True) | Q(expires_at__gt=now)
-        )
-
-
-class APIToken(models.Model):
+class APIToken(Revocable, models.Model):
     """A token for the management API, scoped to one organization with one role.
 
     Looks like a virtual key with a "tgm_" start; only its SHA-256 is stored.
@@ -258,18 +262,13 @@ class APIToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
-    objects = APITokenQuerySet.as_manager()
+    objects = RevocableQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
-
-    @property
-    def is_active(self) -> bool:
-        now = timezone.now()
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
 class AuditLog(models.Model):

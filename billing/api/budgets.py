@@ -9,21 +9,20 @@ from decimal import Decimal
 from typing import Any
 
 import django_filters
-from django import forms
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from billing.api.fields import MAX_ID, UsdField
+from billing.api.fields import UsdField
 from billing.budget_counters import MAX_NANOS
 from billing.budget_standing import BudgetStanding, budget_standings_read
 from billing.pricing import NANOS_PER_USD
 from tenants.api.base import ADMIN_AND_FINANCE, IF_MATCH, ManagementAPIView
+from tenants.api.fields import MAX_ID, IdFilter
 from tenants.models import Budget, Organization, Team, VirtualKey
 from tenants.services import budget_create, budget_delete, budget_update
 
@@ -241,21 +240,10 @@ class BudgetUpdateSerializer(_BudgetSettingsSerializer):
 # ------------------------------------------------------------------ views
 
 
-@extend_schema_field(OpenApiTypes.INT)
-class _IdFilter(django_filters.Filter):
-    """An exact id. Not ModelChoiceFilter: its choices would tell another org's ids
-    (no match) from missing ones (400)."""
-
-    field_class = forms.IntegerField
-
-    def __init__(self, field_name: str) -> None:
-        super().__init__(field_name=field_name, min_value=1, max_value=MAX_ID)
-
-
 class BudgetFilter(django_filters.FilterSet):
     scope = django_filters.ChoiceFilter(choices=Budget.Scope.choices)
-    team = _IdFilter("team_id")
-    key = _IdFilter("key_id")
+    team = IdFilter(field_name="team_id")
+    key = IdFilter(field_name="key_id")
 
     class Meta:
         model = Budget

@@ -9,8 +9,6 @@ from rest_framework import serializers
 from billing.pricing import usd_exact
 from billing.statements import cents
 
-MAX_ID = 2**63 - 1  # a BigAutoField's range: larger ids are 400s, not database errors
-
 
 @extend_schema_field(
     {

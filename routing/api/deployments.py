@@ -7,11 +7,9 @@ are not the org's to see or change here. There is no delete: disable with `enabl
 from typing import Any
 
 import django_filters
-from django import forms
 from django.db import transaction
 from django.db.models import QuerySet
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -19,8 +17,8 @@ from rest_framework.response import Response
 from routing.models import Deployment, Provider
 from routing.services import deployment_create, deployment_update
 from tenants.api.base import IF_MATCH, ManagementAPIView
+from tenants.api.fields import MAX_INT, IdFilter
 
-MAX_INT = 2**31 - 1
 # Optional with the model's default; timeouts must be positive (a check constraint).
 COUNT = {"required": False, "min_value": 0, "max_value": MAX_INT}
 TIMEOUT_MS = {"required": False, "min_value": 1, "max_value": MAX_INT}
@@ -80,11 +78,6 @@ class DeploymentCreateSerializer(DeploymentChangeFields):
         org = self.context.get("org")
         # Another org's provider id reads exactly like a missing one.
         self.fields["provider"].queryset = Provider.objects.filter(org=org)  # type: ignore[attr-defined]
-
-
-@extend_schema_field(OpenApiTypes.INT)
-class IdFilter(django_filters.NumberFilter):
-    field_class = forms.IntegerField
 
 
 class DeploymentFilter(django_filters.FilterSet):

@@ -16,8 +16,8 @@ from rest_framework.response import Response
 from routing.models import Deployment, Route
 from routing.services import route_create, route_update
 from tenants.api.base import IF_MATCH, ManagementAPIView
+from tenants.api.fields import MAX_ID, MAX_INT
 
-MAX_INT = 2**31 - 1
 MAX_DEPLOYMENTS = 100
 MAX_FALLBACKS = 20
 
@@ -49,7 +49,7 @@ class RouteChangeFields(serializers.Serializer[Any]):
     model_name = serializers.CharField(max_length=200, required=False)
     strategy = serializers.ChoiceField(choices=Route.Strategy.choices, required=False)
     deployments = serializers.ListField(
-        child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         allow_empty=False,
         max_length=MAX_DEPLOYMENTS,
         required=False,
@@ -117,7 +117,7 @@ class RouteCreateSerializer(RouteChangeFields):
         max_length=200, help_text="The model name clients send in their requests."
     )
     deployments = serializers.ListField(
-        child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         allow_empty=False,
         max_length=MAX_DEPLOYMENTS,
         help_text="Ids of this organization's deployments that serve the model name.",

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import django_filters
-from django import forms
 from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -20,6 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.api.base import IF_MATCH, Conflict, ManagementAPIView
+from tenants.api.fields import RATE_LIMIT, IdFilter
 from tenants.models import Team, VirtualKey
 from tenants.services import (
     virtual_key_issue,
@@ -28,7 +28,6 @@ from tenants.services import (
     virtual_key_update,
 )
 
-RATE_LIMIT = {"required": False, "allow_null": True, "min_value": 1, "max_value": 2**31 - 1}
 MAX_MODEL_NAME_LENGTH = 200
 MAX_ALLOWED_MODELS = 200
 MAX_METADATA_BYTES = 8 * 1024
@@ -170,17 +169,6 @@ class KeyUpdateSerializer(KeySettingsSerializer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["name"].required = False
-
-
-class IdField(forms.IntegerField):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Bounded: SQLite cannot even compare with a larger number.
-        super().__init__(*args, min_value=-(2**63), max_value=2**63 - 1, **kwargs)
-
-
-@extend_schema_field(OpenApiTypes.INT)
-class IdFilter(django_filters.NumberFilter):
-    field_class = IdField
 
 
 class VirtualKeyFilter(django_filters.FilterSet):

@@ -9,11 +9,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.api.base import IF_MATCH, ManagementAPIView, if_match_check
+from tenants.api.fields import RATE_LIMIT
 from tenants.members import organization_settings_update
 from tenants.models import Organization
 from tenants.services import organization_limits_update
-
-RATE_LIMIT = {"required": False, "allow_null": True, "min_value": 1, "max_value": 2**31 - 1}
 
 
 class OrganizationSerializer(serializers.ModelSerializer[Organization]):

@@ -10,10 +10,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.api.base import IF_MATCH, Conflict, ManagementAPIView
+from tenants.api.fields import RATE_LIMIT
 from tenants.models import Team
 from tenants.services import team_create, team_delete, team_update
-
-RATE_LIMIT = {"required": False, "allow_null": True, "min_value": 1, "max_value": 2**31 - 1}
 
 
 class TeamSerializer(serializers.ModelSerializer[Team]):
