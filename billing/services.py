@@ -1,9 +1,10 @@
-"""Writes for billing: list prices imported from the pricing catalog."""
+"""Writes for billing: list prices imported from the pricing catalog, organization overrides."""
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from django.db import connection, transaction
 from django.db.models import Q
@@ -19,6 +20,8 @@ from billing.catalog import (
 )
 from billing.models import ModelPrice
 from tenants.config import config_revision_bump
+from tenants.models import Organization
+from tenants.services import Actor, audit_record
 
 logger = logging.getLogger(__name__)
 
@@ -273,3 +276,114 @@ def _rates_of(row: ModelPrice) -> CatalogPrice:
 def _same_rates(row: ModelPrice, price: CatalogPrice) -> bool:
     # Decimal equality ignores trailing zeros: 0.150000 from the database equals 0.15.
     return _rates_of(row) == price
+
+
+# --- Organization price overrides (negotiated rates) ---
+
+PRICE_RATE_FIELDS = (
+    "input_usd_per_mtok",
+    "output_usd_per_mtok",
+    "cached_input_usd_per_mtok",
+    "reasoning_usd_per_mtok",
+)
+
+
+def price_override_in_force(
+    *, org: Organization, provider_kind: str, model: str, now: datetime
+) -> ModelPrice | None:
+    """The org's override for the model in force at `now` (the latest to take effect)."""
+    return (
+        ModelPrice.objects.filter(
+            Q(effective_until__isnull=True) | Q(effective_until__gt=now),
+            org=org,
+            provider_kind=provider_kind,
+            model=model,
+            effective_from__lte=now,
+        )
+        .order_by("-effective_from", "-pk")
+        .first()
+    )
+
+
+def _rates_shown(rates: Mapping[str, Decimal | None]) -> dict[str, str | None]:
+    # Audit entries are JSON: exact decimal text, never a float.
+    return {
+        field: None if rates.get(field) is None else f"{rates[field]:f}"
+        for field in PRICE_RATE_FIELDS
+    }
+
+
+@transaction.atomic
+def price_override_set(
+    *,
+    org: Organization,
+    provider_kind: str,
+    model: str,
+    rates: Mapping[str, Decimal | None],
+    actor: Actor,
+    now: datetime | None = None,
+) -> ModelPrice | None:
+    """Make `rates` the org's negotiated price for `model` at `provider_kind` from `now` on.
+
+    The override in force closes at `now` and a new row opens, so usage already billed
+    keeps the row it was priced with. Rates equal to those in force change nothing and
+    return None. Audited; the saved rows bump the configuration revision (post_save),
+    so every proxy reloads its prices.
+    """
+    now = now or timezone.now()
+    current = price_override_in_force(org=org, provider_kind=provider_kind, model=model, now=now)
+    wanted = {field: rates.get(field) for field in PRICE_RATE_FIELDS}
+    before = None if current is None else {f: getattr(current, f) for f in PRICE_RATE_FIELDS}
+    # Decimal equality ignores trailing zeros: 0.150000 from the database equals 0.15.
+    if before == wanted:
+        return None
+    row = ModelPrice(
+        org=org,
+        provider_kind=provider_kind,
+        model=model,
+        effective_from=now,
+        source=ModelPrice.Source.OVERRIDE,
+        **wanted,
+    )
+    row.full_clean()
+    if current is not None:
+        current.effective_until = now
+        current.save(update_fields=["effective_until"])
+    row.save()
+    audit_record(
+        actor=actor,
+        org=org,
+        action="price_override.set",
+        target=row,
+        before=None if before is None else _rates_shown(before),
+        after={"provider_kind": provider_kind, "model": model, **_rates_shown(wanted)},
+    )
+    return row
+
+
+@transaction.atomic
+def price_override_end(*, price: ModelPrice, actor: Actor, now: datetime | None = None) -> None:
+    """End an org's override at `now`: the list price applies again. The row is kept for
+    the usage it priced."""
+    if price.org_id is None:
+        raise ValueError("only organization overrides end here; list prices follow the catalog")
+    now = now or timezone.now()
+    price = (
+        ModelPrice.objects.select_for_update(of=("self",)).select_related("org").get(pk=price.pk)
+    )
+    if price.effective_until is not None and price.effective_until <= now:
+        return
+    price.effective_until = now
+    price.save(update_fields=["effective_until"])
+    audit_record(
+        actor=actor,
+        org=price.org,
+        action="price_override.end",
+        target=price,
+        before={
+            "provider_kind": price.provider_kind,
+            "model": price.model,
+            **_rates_shown({f: getattr(price, f) for f in PRICE_RATE_FIELDS}),
+        },
+        after={"effective_until": now.isoformat()},
+    )
