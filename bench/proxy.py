@@ -156,7 +156,7 @@ def _start_stack(stack: Stack, args: argparse.Namespace, models: list[str]) -> d
         cpu=GATEWAY_CPU, env=env,
     )  # fmt: skip
     celery = [str(VENV_PY), "-m", "celery", "-A", "gatewaysite"]
-    stack.start(
+    celery_worker = stack.start(
         "celery-worker",
         [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
         cpu=LOAD_CPU,
@@ -171,6 +171,10 @@ def _start_stack(stack: Stack, args: argparse.Namespace, models: list[str]) -> d
     # Any answer on an unknown /v1 path: up, its lifespan startup (snapshot load) done,
     # and nothing metered.
     proxy_stack.wait_http(web_port, "/v1/bench-ready", process=web)
+    args.shared_pids = {"celery": celery_worker.pid}
+    redis_pid = proxy_stack.redis_server_pid(REDIS_URL)
+    if redis_pid is not None:
+        args.shared_pids["redis"] = redis_pid
     systems = {
         "direct": System("direct", "direct (mock, no gateway)", mock_port, ["none"], mock),
         "tollgate": System(
@@ -213,11 +217,17 @@ def _measure_round(
         warm = proxy_load.run_wrk(
             **wrk, connections=8, duration_s=args.warmup_seconds, cpu=LOAD_CPU
         )
+        # CPU per request at load: the gateway's own, and (for Tollgate) what the shared
+        # Redis and the Celery worker ingesting usage spend per request, which is what
+        # decides how throughput scales with more workers (bench/README.md).
+        shared = args.shared_pids if system.name == "tollgate" else {}
         with proxy_stack.RssSampler(system.process.pid) as rss:
             c1 = proxy_load.run_wrk(**wrk, connections=1, duration_s=args.c1_seconds, cpu=LOAD_CPU)
-            many = proxy_load.run_wrk(
-                **wrk, connections=args.connections, duration_s=args.cmany_seconds, cpu=LOAD_CPU
-            )
+            with proxy_stack.CpuMeter({"gateway": system.process.pid, **shared}) as cpu:
+                many = proxy_load.run_wrk(
+                    **wrk, connections=args.connections, duration_s=args.cmany_seconds,
+                    cpu=LOAD_CPU,
+                )  # fmt: skip
             stream = proxy_load.stream_probe(
                 port=system.port, keys=system.keys, models=models, count=args.stream_requests
             )
@@ -232,6 +242,11 @@ def _measure_round(
             ttft_p50_ms=stream.ttft_p50_ms, ttft_ms=stream.ttft_ms, total_ms=stream.total_ms,
         )  # fmt: skip
         recorder.add(**common, phase="rss", peak_rss_bytes=rss.peak_bytes)
+        recorder.add(
+            **common, phase="cpu", requests=many.requests,
+            **{f"{name}_us_per_request": 1e6 * seconds / max(1, many.requests)
+               for name, seconds in cpu.seconds.items()},
+        )  # fmt: skip
         check = f"{c1.errors + many.errors + stream.errors} errors"
         print(
             f"  p50 c=1 {c1.p50_ms:.2f} ms, {many.rps:,.0f} rps c={args.connections}, "

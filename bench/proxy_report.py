@@ -23,6 +23,7 @@ TARGETS = {
     "added_p50": ("added p50 at 1 connection (ms)", 1.0, 0.5, False),
     "ttft_overhead": ("TTFT overhead, streaming (ms)", 1.0, None, False),
     "rss": ("peak RSS of the worker (MB)", 150.0, None, False),
+    "scaling": ("two workers vs one, from CPU per request (×)", 1.7, None, True),
 }
 
 # Who a sample's work is for: the innermost frame of a known package (py-spy prints
@@ -207,7 +208,31 @@ class Report:
             "rss": lambda: Stat(
                 [v / 2**20 for v in self._values("tollgate", "rss", "peak_rss_bytes").values]
             ),
+            "scaling": self._scaling,
         }[key]()
+
+    def _cpu_us(self, system: str, name: str) -> Stat:
+        rows = self._phase(system, "cpu").values()
+        return Stat(
+            [
+                float(row[f"{name}_us_per_request"])
+                for row in rows
+                if f"{name}_us_per_request" in row
+            ]
+        )  # type: ignore[arg-type]
+
+    def _scaling(self) -> Stat:
+        """Per round: what two workers, each on its own core, would serve over what one
+        serves: twice one worker's capacity (its CPU per request is its own), unless
+        the one Redis they share cannot keep up (Redis runs one command at a time)."""
+        ratios = []
+        for row in self._phase("tollgate", "cpu").values():
+            worker_us = float(row["gateway_us_per_request"])  # type: ignore[arg-type]
+            redis_us = float(row.get("redis_us_per_request", 0.0))  # type: ignore[arg-type]
+            one = 1e6 / worker_us
+            two = 2 * one if redis_us <= 0 else min(2 * one, 1e6 / redis_us)
+            ratios.append(two / one)
+        return Stat(ratios)
 
     @property
     def tollgate_errors(self) -> int:
@@ -244,7 +269,7 @@ class Report:
             result = "pass" if passed else "**FAIL**"
             if passed and goal is not None:
                 result += " (goal reached)" if reached else " (goal not reached)"
-            shown = f"{value:,.2f}" if key != "rps" else f"{value:,.0f}"
+            shown = f"{value:,.0f}" if key == "rps" else f"{value:,.2f}"
             if key == "rss":
                 shown += " (max)"
             lines.append(
@@ -268,6 +293,46 @@ class Report:
         for what, passed, shown in checks:
             lines.append(f"| {what} | 0 | — | {shown} | {'pass' if passed else '**FAIL**'} |")
         return [*lines, ""]
+
+    def _shared_cpu(self) -> list[str]:
+        """What Tollgate's shared services spend per request, and the scaling it allows."""
+        worker, redis_cpu = self._cpu_us("tollgate", "gateway"), self._cpu_us("tollgate", "redis")
+        celery = self._cpu_us("tollgate", "celery")
+        if not worker.values:
+            return []
+        lines = [
+            "### Scaling to more workers (Tollgate)",
+            "",
+            "A worker's CPU per request is its own, so each worker on its own core adds one "
+            "worker's throughput, until a service all workers share runs out: Redis (one "
+            "thread: the budget and rate-limit scripts, the usage stream) or usage ingestion "
+            "(the Celery worker, which scales with its own processes). Per request, at "
+            f"{self.args.connections} connections:",
+            "",
+            "| process | CPU per request (µs), median (min–max) | requests/s one core sustains |",
+            "|---|---|---|",
+            f"| gateway worker | {worker.text(',.0f')} | {1e6 / worker.median:,.0f} |",
+        ]
+        if redis_cpu.values:
+            lines.append(
+                f"| Redis server (shared; all its clients) | {redis_cpu.text(',.0f')} | "
+                f"{1e6 / redis_cpu.median:,.0f} |"
+            )
+        if celery.values:
+            lines.append(
+                f"| Celery worker (usage ingestion, 2 processes) | {celery.text(',.0f')} | "
+                f"{1e6 / celery.median:,.0f} |"
+            )
+        lines += [
+            "",
+            f"Two workers on two cores: **{self._scaling().text('.2f')}×** one worker "
+            "(twice one worker's capacity, capped by what Redis sustains); target ≥ 1.7×. "
+            "This is argued from CPU per request because this machine has two cores: two "
+            "workers plus wrk, the mock, Redis and Celery cannot be measured without "
+            "sharing them.",
+            "",
+        ]
+        return lines
 
     def _accounting(self) -> list[str]:
         acc = self.accounting
@@ -432,6 +497,12 @@ class Report:
                          f"every {5} ms."),
             *self._table("Streaming: TTFT overhead vs direct, same round (ms)",
                          lambda s: self._versus_direct(s, "stream", "ttft_p50_ms"), ".2f"),
+            *self._table(f"Gateway CPU per request at {conn} connections (µs)",
+                         lambda s: self._cpu_us(s, "gateway"), ",.0f",
+                         "User + system CPU of the gateway's process tree during the "
+                         f"{conn}-connection run, over the requests it answered: what one "
+                         "request costs, whatever else shares the core."),
+            *self._shared_cpu(),
             *self._table("Peak RSS of the process tree (MB)",
                          lambda s: Stat([v / 2**20 for v in
                                          self._values(s, "rss", "peak_rss_bytes").values]),

@@ -203,6 +203,45 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def redis_server_pid(url: str) -> int | None:
+    """The pid of the Redis server behind `url` if it runs on this machine, else None."""
+    import redis
+
+    with contextlib.suppress(redis.RedisError, KeyError, ValueError):
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        if Path(f"/proc/{pid}/stat").exists():
+            return pid
+    return None
+
+
+class CpuMeter:
+    """CPU seconds each named process tree spends while a block runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = {
+            name: tree_cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()
+        }
+
+
 class RssSampler:
     """Peak RSS of a process tree while a block runs (sampled every 100 ms)."""
 

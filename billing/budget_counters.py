@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -56,8 +57,19 @@ KEY_GRACE_S = 3600
 # How long a settle is remembered, so a repeated settle is a no-op.
 SETTLE_MEMORY_S = 86_400
 _SCRIPT_SHA = hashlib.sha1(BUDGET_COUNTERS_LUA.encode()).hexdigest()  # Redis's script id
+# A line's keys, in the order the script expects them.
+_LINE_KEY_PARTS = ("settled", "reserved", "holds", "amounts", "refused")
 
 Clock = Callable[[], float]
+
+
+class ScriptClient(Protocol):
+    """What the counters need of a Redis client: `redis.asyncio.Redis`, or the proxy's
+    `billing.redis_multiplex.MultiplexedRedis`."""
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +80,18 @@ class BudgetLine:
     limit_nanos: int
     hard: bool
     window: BudgetWindow
+    # Derived once, not per call: the hot path sends them with every operation.
+    redis_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    end_ts: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.limit_nanos < MAX_NANOS:
             raise ValueError(f"limit_nanos must be in (0, 2**53): {self.limit_nanos}")
+        prefix = self.key_prefix
+        keys = tuple(f"{prefix}:{part}" for part in _LINE_KEY_PARTS)
+        object.__setattr__(self, "redis_keys", keys)
+        end_at = self.window.end_at
+        object.__setattr__(self, "end_ts", None if end_at is None else end_at.timestamp())
 
     @property
     def period_id(self) -> str:
@@ -111,18 +131,14 @@ class RateBucket:
 
     name: str
     capacity: int
+    refill_per_s: float = field(init=False, repr=False, compare=False)
+    redis_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ValueError(f"capacity must be positive: {self.capacity}")
-
-    @property
-    def refill_per_s(self) -> float:
-        return self.capacity / 60
-
-    @property
-    def redis_key(self) -> str:
-        return f"tollgate:rate:{self.name}"
+        object.__setattr__(self, "refill_per_s", self.capacity / 60)
+        object.__setattr__(self, "redis_key", f"tollgate:rate:{self.name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +213,9 @@ def _check_nanos(name: str, value: int) -> None:
 
 def _key_ttl_ms(line: BudgetLine, now: float) -> int:
     """Milliseconds the line's keys should live (0: forever), measured on our clock."""
-    if line.window.end_at is None:
+    if line.end_ts is None:
         return 0
-    return max(1, int((line.window.end_at.timestamp() + KEY_GRACE_S - now) * 1000))
+    return max(1, int((line.end_ts + KEY_GRACE_S - now) * 1000))
 
 
 class BudgetCounters(abc.ABC):
@@ -281,10 +297,9 @@ async def redis_budget_counters(redis_url: str) -> AsyncIterator["RedisBudgetCou
 
 
 class RedisBudgetCounters(BudgetCounters):
-    """Counters shared through Redis: each operation is one EVALSHA of one script.
-
-    redis-py's registered script runs EVALSHA and loads the script once when
-    Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH). All of a request's
+    """Counters shared through Redis: each operation is one EVALSHA of one script
+    (sent as EVAL, which loads it, when Redis answers NOSCRIPT after a restart or
+    SCRIPT FLUSH). All of a request's
     lines and buckets must live on one Redis (no cluster sharding). Redis errors
     propagate: the caller decides whether to fail open or closed. Configure Redis
     with a `noeviction` policy: an evicted settled counter reads as missing and is
@@ -297,8 +312,13 @@ class RedisBudgetCounters(BudgetCounters):
     again. Hold deadlines, bucket refills and key TTLs are measured on `clock`.
     """
 
-    def __init__(self, client: Redis, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self, client: ScriptClient, *, settle_client: ScriptClient | None = None,
+        clock: Clock = time.time,
+    ) -> None:  # fmt: skip
         self._client = client
+        # Settles nobody waits on may go through a client that batches them.
+        self._settle_client = settle_client or client
         self._clock = clock
 
     async def _run(
@@ -316,19 +336,18 @@ class RedisBudgetCounters(BudgetCounters):
         args: list[str | int | float] = [op, request_id, now, len(lines), nanos, hold_ttl_s]
         args += [SETTLE_MEMORY_S, len(buckets)]
         for line in lines:
-            prefix = line.key_prefix
-            keys += [f"{prefix}:settled", f"{prefix}:reserved", f"{prefix}:holds"]
-            keys += [f"{prefix}:amounts", f"{prefix}:refused"]
+            keys += line.redis_keys
             args += [line.limit_nanos, int(line.hard), _key_ttl_ms(line, now)]
         for charge in buckets:
             keys.append(charge.bucket.redis_key)
             args += [charge.bucket.capacity, charge.bucket.refill_per_s, charge.amount]
         # EVALSHA directly (redis-py's Script wrapper type-checks the client on every
         # call: a measurable share of a proxy worker); EVAL loads it after a restart.
+        client = self._settle_client if op == "settle" else self._client
         try:
-            reply: list[int] = await self._client.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
+            reply: list[int] = await client.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
-            reply = await self._client.eval(BUDGET_COUNTERS_LUA, len(keys), *keys, *args)
+            reply = await client.eval(BUDGET_COUNTERS_LUA, len(keys), *keys, *args)
         return reply
 
     async def reserve(

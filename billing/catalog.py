@@ -3,7 +3,12 @@
 Only the data shipped inside the installed package is read: its optional
 auto-update fetches prices over the network and is never used, so an import
 gives the same rows on every machine with the same pinned version.
+
+The package is imported on first use, not with this module: its data is ~25 MB
+of objects, which a web worker needs only when an admin adds a deployment.
 """
+
+from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -11,10 +16,11 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from importlib.metadata import version
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from genai_prices import types as catalog_types
-from genai_prices.data import providers as catalog_providers
-from genai_prices.data_units import unit_data
+if TYPE_CHECKING:
+    from genai_prices import types as catalog_types
 
 CATALOG_PACKAGE = "genai-prices"
 
@@ -127,8 +133,17 @@ def catalog_price_match(
 
 
 @cache
+def _types() -> ModuleType:
+    from genai_prices import types
+
+    return types
+
+
+@cache
 def _providers_by_id() -> Mapping[str, catalog_types.Provider]:
-    return {provider.id: provider for provider in catalog_providers}
+    from genai_prices.data import providers
+
+    return {provider.id: provider for provider in providers}
 
 
 def _providers(provider_ids: tuple[str, ...]) -> list[catalog_types.Provider]:
@@ -161,16 +176,18 @@ def _model_names(providers: list[catalog_types.Provider]) -> Iterator[str]:
 def _exact_names(match: object) -> Iterator[str]:
     # Only names a deployment can be configured with verbatim; prefix, suffix
     # and regex clauses cover dated variants that cannot be listed.
-    if isinstance(match, catalog_types.ClauseEquals):
+    types = _types()
+    if isinstance(match, types.ClauseEquals):
         yield match.equals
-    elif isinstance(match, catalog_types.ClauseOr):
+    elif isinstance(match, types.ClauseOr):
         for clause in match.or_:
             yield from _exact_names(clause)
 
 
 def _price(kind: str, name: str, model: catalog_types.ModelInfo, moment: datetime) -> CatalogPrice:
-    if not isinstance(model.prices, catalog_types.ModelPrice) and any(
-        isinstance(conditional.constraint, catalog_types.TimeOfDateConstraint)
+    types = _types()
+    if not isinstance(model.prices, types.ModelPrice) and any(
+        isinstance(conditional.constraint, types.TimeOfDateConstraint)
         for conditional in model.prices
     ):
         raise _Unrepresentable("price depends on the time of day")
@@ -202,6 +219,8 @@ def _direction(price_key: str) -> str | None:
 @cache
 def _directions() -> Mapping[str, str]:
     """Price key -> "input" or "output", from the catalog's own unit definitions."""
+    from genai_prices.data_units import unit_data
+
     return {
         unit["price_key"]: unit["dimensions"]["direction"]
         for unit in unit_data.values()
@@ -215,7 +234,7 @@ def _optional_rate(value: object) -> Decimal | None:
 
 def _rate(value: object) -> Decimal:
     """The exact rate as a Decimal that fits the rate card's column, or unrepresentable."""
-    if isinstance(value, catalog_types.TieredPrices):
+    if isinstance(value, _types().TieredPrices):
         raise _Unrepresentable("tiered by prompt length")
     try:
         # Via str: the catalog's Decimals pass unchanged and no float ever sneaks in.

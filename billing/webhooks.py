@@ -21,8 +21,6 @@ import socket
 import time
 from dataclasses import dataclass
 
-import httpx
-
 SIGNATURE_HEADER = "X-Tollgate-Signature"
 USER_AGENT = "Tollgate-Webhooks/1"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -146,6 +144,10 @@ def webhook_post(
     timeout_s: float = 10.0,
 ) -> WebhookResult:
     """POST `body` (JSON) to `url` once; a 2xx answer is a delivery. Never raises for I/O."""
+    # Imported here: httpx (with its CLI's rich and pygments) is ~7 MB that a proxy
+    # worker, which never sends a webhook unless it is the embedded default, can skip.
+    import httpx
+
     target = httpx.URL(url)
     if target.scheme not in {"http", "https"} or not target.host:
         return WebhookResult(None, "not an http(s) URL")

@@ -350,6 +350,9 @@ TOLLGATE_USAGE_BATCH_SIZE = env_int("TOLLGATE_USAGE_BATCH_SIZE", 500, minimum=1)
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env_int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 # Redis connections per web process (counters, cache, health); requests queue for one.
 TOLLGATE_REDIS_MAX_CONNECTIONS = env_int("TOLLGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)
+# A Redis command unanswered this long fails (budgets then fail closed unless
+# TOLLGATE_LIMITS_FAIL_OPEN) and its connection is reopened.
+TOLLGATE_REDIS_TIMEOUT_SECONDS = env_float("TOLLGATE_REDIS_TIMEOUT_SECONDS", 2.0, minimum=0.05)
 # Circuit breakers per deployment (shared through Redis when REDIS_URL is set).
 TOLLGATE_BREAKER_FAILURES = env_int("TOLLGATE_BREAKER_FAILURES", 5, minimum=1)
 TOLLGATE_BREAKER_COOLDOWN_SECONDS = env_float(

@@ -117,9 +117,32 @@ def hold_ttl_s(plan: RoutePlan, snapshot: ConfigSnapshot, org_id: int) -> float:
     return plan.deadline_s + slowest + HOLD_MARGIN_S
 
 
+# Each budget's current line until its period ends, and each scope's rate buckets:
+# worked out per request (time zone arithmetic, key names) they were a measurable
+# share of the hot path. Keyed by the identity of the snapshot's immutable specs
+# (hashing their fields was itself measurable), each entry keeping its spec so a
+# reused id is never mistaken for it; cleared whole if ever this large.
+_current_lines: dict[int, tuple[BudgetSpec, BudgetLine]] = {}
+_scope_buckets: dict[int, tuple[ScopeLimits, RateBucket | None, RateBucket | None]] = {}
+_CACHE_MAX_ENTRIES = 200_000
+
+
+def limits_cache_clear() -> None:
+    """Forget the cached lines and buckets: call when a new snapshot replaces the specs,
+    so the old ones are not kept alive."""
+    _current_lines.clear()
+    _scope_buckets.clear()
+
+
 def budget_lines(budgets: Sequence[BudgetSpec], at: datetime) -> list[BudgetLine]:
-    return [
-        budget_line(
+    """The line of each budget for the period containing `at`."""
+    lines = []
+    for spec in budgets:
+        cached = _current_lines.get(id(spec))
+        if cached is not None and cached[0] is spec and cached[1].window.contains(at):
+            lines.append(cached[1])
+            continue
+        line = budget_line(
             budget_id=spec.budget_id,
             period=spec.period,
             time_zone=spec.time_zone,
@@ -127,8 +150,11 @@ def budget_lines(budgets: Sequence[BudgetSpec], at: datetime) -> list[BudgetLine
             hard=spec.hard,
             at=at,
         )
-        for spec in budgets
-    ]
+        if len(_current_lines) >= _CACHE_MAX_ENTRIES:
+            _current_lines.clear()
+        _current_lines[id(spec)] = (spec, line)
+        lines.append(line)
+    return lines
 
 
 def has_hard_budget(key: KeyContext) -> bool:
@@ -136,9 +162,16 @@ def has_hard_budget(key: KeyContext) -> bool:
 
 
 def _buckets(limits: ScopeLimits) -> tuple[RateBucket | None, RateBucket | None]:
+    """The scope's request and token buckets (None where it sets no limit)."""
+    cached = _scope_buckets.get(id(limits))
+    if cached is not None and cached[0] is limits:
+        return cached[1], cached[2]
     prefix = f"{limits.scope}:{limits.scope_id}"
     requests = RateBucket(f"{prefix}:requests", limits.rpm) if limits.rpm else None
     tokens = RateBucket(f"{prefix}:tokens", limits.tpm) if limits.tpm else None
+    if len(_scope_buckets) >= _CACHE_MAX_ENTRIES:
+        _scope_buckets.clear()
+    _scope_buckets[id(limits)] = (limits, requests, tokens)
     return requests, tokens
 
 

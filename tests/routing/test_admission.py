@@ -1,6 +1,7 @@
 """Admission on the proxy's budgets with a controlled clock: periods roll over exactly
 at the org's local midnight and month start, and start again from the ledger."""
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -10,7 +11,7 @@ from asgiref.sync import sync_to_async
 
 from routing.errors import LimitExceeded
 from routing.proxy.limits import Admission, admit, budget_lines
-from tenants.contracts import KeyContext
+from tenants.contracts import BudgetSpec, KeyContext
 from tenants.models import Budget, Organization
 from tenants.selectors import virtual_key_contexts
 from tenants.services import Actor, virtual_key_issue
@@ -117,3 +118,25 @@ async def test_a_refusal_takes_nothing_and_names_every_figure(harness: Harness) 
     assert "monthly budget ($0.000003)" in message and "$0.000001 left" in message
     assert "resets at 2025-07-01 00:00 UTC" in message
     await spend(harness, key, "exactly-the-rest")
+
+
+async def test_a_budgets_line_is_reused_within_its_period_and_follows_it_across_boundaries() -> (
+    None
+):
+    spec = BudgetSpec(
+        budget_id=7, scope="org", label="Organization 'acme' monthly budget", period="monthly",
+        time_zone="Europe/Paris", limit_nanos=LIMIT, hard=True,
+        created_at=datetime(2025, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    june = datetime(2025, 6, 30, 21, 59, 59, tzinfo=UTC)  # 23:59:59 in Paris
+    (first,) = budget_lines([spec], june)
+    (again,) = budget_lines([spec], june - timedelta(days=3))
+    (july,) = budget_lines([spec], june + timedelta(seconds=1))  # midnight in Paris
+    (late,) = budget_lines([spec], june)  # a request that started in June settles late
+
+    assert again is first and first.period_id == "m2025-06"
+    assert july.period_id == "m2025-07" and late.period_id == "m2025-06"
+    # A changed budget (a new snapshot's spec) gets its own line, with its own limit.
+    raised = dataclasses.replace(spec, limit_nanos=2 * LIMIT)
+    (line,) = budget_lines([raised], june)
+    assert line.limit_nanos == 2 * LIMIT and first.limit_nanos == LIMIT

@@ -3,6 +3,9 @@
 `budget_harness(kind)` yields a `Harness` whose `counters` and `other` are two
 processes' views of the same counters: two Redis clients (separate connection
 pools) on one Redis, or, in process, the one instance a single process has.
+"redis-multiplexed" is the proxy's setup: its own client
+(`billing.redis_multiplex.MultiplexedRedis`, settles deferred to share writes)
+beside a redis-py one.
 """
 
 import os
@@ -21,20 +24,19 @@ from billing.budget_counters import (
     RedisBudgetCounters,
     budget_line,
 )
+from billing.redis_multiplex import MultiplexedRedis
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 COUNTER_KEYS = ("tollgate:budget:*", "tollgate:rate:*")
 START = datetime(2025, 6, 15, 12, tzinfo=UTC)
 
+_NEEDS_REDIS = pytest.mark.skipif(
+    not REDIS_URL, reason="needs Redis: REDIS_URL is unset (the embedded run)"
+)
 HARNESS_KINDS = [
     pytest.param("in-process", id="in-process"),
-    pytest.param(
-        "redis",
-        id="redis",
-        marks=pytest.mark.skipif(
-            not REDIS_URL, reason="needs Redis: REDIS_URL is unset (the embedded run)"
-        ),
-    ),
+    pytest.param("redis", id="redis", marks=_NEEDS_REDIS),
+    pytest.param("redis-multiplexed", id="redis-multiplexed", marks=_NEEDS_REDIS),
 ]
 
 
@@ -88,12 +90,15 @@ async def budget_harness(kind: str) -> AsyncIterator[Harness]:
         return
     first = redis.asyncio.Redis.from_url(REDIS_URL)
     second = redis.asyncio.Redis.from_url(REDIS_URL)
+    multiplexed = MultiplexedRedis.from_url(REDIS_URL)
     await _delete_counter_keys(first)
     try:
         yield Harness(
             kind,
             clock,
-            RedisBudgetCounters(first, clock=clock),
+            RedisBudgetCounters(multiplexed, settle_client=multiplexed.deferred(0.002), clock=clock)
+            if kind == "redis-multiplexed"
+            else RedisBudgetCounters(first, clock=clock),
             RedisBudgetCounters(second, clock=clock),
             client=first,
         )
@@ -101,6 +106,7 @@ async def budget_harness(kind: str) -> AsyncIterator[Harness]:
         await _delete_counter_keys(first)
         await first.aclose()
         await second.aclose()
+        await multiplexed.aclose()
 
 
 def line(

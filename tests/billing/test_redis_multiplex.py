@@ -1,0 +1,224 @@
+"""The proxy's multiplexed Redis client, against a private redis-server.
+
+Many concurrent callers share one connection: each must get its own reply, errors
+must be redis-py's, and a lost or hung Redis must fail the callers waiting on it
+(never hang them) and be reconnected to once it is back.
+"""
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from billing.redis_multiplex import MultiplexedRedis
+from tests.support.processes import free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+class PrivateRedis:
+    def __init__(self, *extra: str) -> None:
+        self.port = free_port()
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--enable-debug-command", "local", *self.extra],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, password=self._password())
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                subprocess.run(["sleep", "0.05"], check=True)
+        raise RuntimeError("private redis-server did not start")
+
+    def _password(self) -> str | None:
+        if "--requirepass" in self.extra:
+            return self.extra[self.extra.index("--requirepass") + 1]
+        return None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_callers_each_get_their_own_reply(private_redis: PrivateRedis) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url())
+    try:
+        replies = await asyncio.gather(
+            *(client.execute("INCRBY", f"counter:{i % 7}", i) for i in range(2_000))
+        )
+        assert (
+            await client.execute("GET", "counter:3")
+            == str(sum(i for i in range(2_000) if i % 7 == 3)).encode()
+        )
+        # Each INCRBY answered with its own counter's running total.
+        totals: dict[int, int] = {}
+        for i, reply in enumerate(replies):
+            totals[i % 7] = totals.get(i % 7, 0) + i
+            assert reply == totals[i % 7]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_database_in_the_url_is_selected(private_redis: PrivateRedis) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url(db=5))
+    try:
+        await client.execute("SET", "where", "five")
+    finally:
+        await client.aclose()
+    assert redis.Redis(port=private_redis.port, db=5).get("where") == b"five"
+    assert redis.Redis(port=private_redis.port, db=0).get("where") is None
+
+
+@pytest.mark.asyncio
+async def test_error_replies_raise_redis_py_errors_and_the_connection_goes_on(
+    private_redis: PrivateRedis,
+) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url())
+    try:
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await client.evalsha("0" * 40, 0)
+        with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+            await client.execute("NOT-A-COMMAND")
+        assert await client.eval("return ARGV[1] + 1", 0, 41) == 42
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_password_in_the_url_authenticates() -> None:
+    server = PrivateRedis("--requirepass", "s3cret")
+    server.start()
+    try:
+        good = MultiplexedRedis.from_url(server.url(password="s3cret"))
+        assert await good.execute("PING") == b"PONG"
+        await good.aclose()
+        wrong = MultiplexedRedis.from_url(server.url(password="wrong"))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await wrong.execute("PING")
+        await wrong.aclose()
+    finally:
+        server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_redis_fails_callers_and_a_restarted_one_is_used_again(
+    private_redis: PrivateRedis,
+) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url(), timeout_s=1.0)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        private_redis.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.execute("PING")
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.execute("PING")  # refused: a clear error, not a hang
+        private_redis.start()
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_hung_redis_fails_waiting_callers_after_the_timeout(
+    private_redis: PrivateRedis,
+) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url(), timeout_s=0.5)
+    blocker = redis.Redis(port=private_redis.port)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        # DEBUG SLEEP blocks the whole server, as a hung Redis would.
+        sleeping = asyncio.get_running_loop().run_in_executor(
+            None, lambda: blocker.execute_command("DEBUG", "SLEEP", "2")
+        )
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await client.execute("PING")
+        waited = asyncio.get_running_loop().time() - started
+        assert 0.4 <= waited < 1.5
+        await sleeping
+        assert await client.execute("PING") == b"PONG"  # a fresh connection
+    finally:
+        await client.aclose()
+        blocker.close()
+
+
+@pytest.mark.asyncio
+async def test_a_caller_that_gives_up_does_not_shift_the_others_replies(
+    private_redis: PrivateRedis,
+) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url())
+    try:
+        await client.execute("SET", "a", "1")
+        await client.execute("SET", "b", "2")
+        abandoned = asyncio.ensure_future(client.execute("GET", "a"))
+        kept = asyncio.ensure_future(client.execute("GET", "b"))
+        abandoned.cancel()
+        assert await kept == b"2"
+        assert await client.execute("GET", "a") == b"1"
+    finally:
+        await client.aclose()
+
+
+def test_it_runs_on_uvloop_as_the_proxy_does(private_redis: PrivateRedis) -> None:
+    import uvloop
+
+    async def many_calls() -> list[int]:
+        client = MultiplexedRedis.from_url(private_redis.url())
+        try:
+            return await asyncio.gather(*(client.execute("INCR", "n") for _ in range(500)))
+        finally:
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert sorted(runner.run(many_calls())) == list(range(1, 501))
+
+
+@pytest.mark.asyncio
+async def test_deferred_commands_wait_for_company_but_not_longer_than_asked(
+    private_redis: PrivateRedis,
+) -> None:
+    client = MultiplexedRedis.from_url(private_redis.url())
+    deferred = client.deferred(0.2)
+    try:
+        await client.execute("PING")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await deferred.eval("return 1", 0) == 1
+        assert 0.15 <= loop.time() - started < 1.0  # sent when its wait ran out
+
+        started = loop.time()
+        waiting = asyncio.ensure_future(deferred.eval("return redis.call('INCR', 'x')", 0))
+        await asyncio.sleep(0.01)
+        # A command sent now takes the deferred one along, in order.
+        assert await client.execute("INCR", "x") == 2
+        assert await waiting == 1
+        assert loop.time() - started < 0.15
+    finally:
+        await client.aclose()
