@@ -201,11 +201,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         messages=chat.messages,
         system=None,
         tokens=options.tokens,
-        max_tokens=chat.max_tokens,
+        max_tokens=None if options.ignore_max_tokens else chat.max_tokens,
     )
     call = _tool_call_for(chat)
     if chat.stream:
         plan = _chat_stream_plan(chat, model, completion, call)
+        if options.pad_bytes:
+            # An SSE comment: clients ignore it, but must receive it whole first.
+            padding = b": " + b"x" * options.pad_bytes + b"\n\n"
+            plan = StreamPlan(head=plan.head, words=[padding, *plan.words], tail=plan.tail)
         return await send_stream(request, options, Family.OPENAI, plan)
     if options.fault is not None:
         return await answer_with_fault(request, options)
@@ -221,8 +225,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         message = {"role": "assistant", "content": completion.text}
         finish_reason = "length" if completion.capped else "stop"
+    padding = {"mock_padding": "x" * options.pad_bytes} if options.pad_bytes else {}
     return json_response(
         {
+            **padding,
             "id": f"chatcmpl-mock-{secrets.token_hex(12)}",
             "object": "chat.completion",
             "created": int(time.time()),

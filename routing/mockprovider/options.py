@@ -19,6 +19,8 @@ MAX_DELAY_MS: Final = 3_600_000
 MAX_TOKENS: Final = 100_000
 MAX_DIMENSIONS: Final = 16_384
 MAX_RETRY_AFTER_S: Final = 86_400
+# Enough to prove a gateway bounds what it buffers, small enough not to take the machine down.
+MAX_PAD_BYTES: Final = 64 * 1024 * 1024
 
 
 class OptionError(ValueError):
@@ -36,6 +38,10 @@ class MockOptions:
     fault: Fault = None
     retry_after: int | None = 1
     dimensions: int = 8
+    # Faults of size, as a misbehaving provider sends them (chat completions only):
+    # filler bytes in the answer, and an answer that overruns the request's max_tokens.
+    pad_bytes: int = 0
+    ignore_max_tokens: bool = False
 
 
 def _parse_int(name: str, raw: str, low: int, high: int) -> int:
@@ -68,6 +74,18 @@ def parse_fault(raw: str) -> Fault:
     )
 
 
+def parse_bool(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        text = raw.strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise OptionError(f"mock option {name} must be true or false, got {raw!r}")
+
+    return parse
+
+
 def parse_retry_after(raw: str) -> int | None:
     """Return Retry-After seconds, or None (send no header) for `none`."""
     if raw.strip().lower() == "none":
@@ -84,6 +102,8 @@ PARSERS: Final[MappingProxyType[str, Callable[[str], object]]] = MappingProxyTyp
         "fault": parse_fault,
         "retry_after": parse_retry_after,
         "dimensions": lambda raw: _parse_int("dimensions", raw, 1, MAX_DIMENSIONS),
+        "pad_bytes": lambda raw: _parse_int("pad_bytes", raw, 0, MAX_PAD_BYTES),
+        "ignore_max_tokens": parse_bool("ignore_max_tokens"),
     }
 )
 

@@ -368,7 +368,8 @@ async def chat_completions(
     meter.keep_response(served.body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
     if cache.entry_key is not None:
-        await _cache_store(runtime, meter, cache.entry_key, served)
+        # In the background: a slow or hung Redis must not hold the answer back.
+        runtime.spawn(_cache_store(runtime, meter, cache.entry_key, served))
     return Response(status=200, body=served.body, headers=headers)
 
 
@@ -456,7 +457,8 @@ async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | S
     meter.keep_response(body)
     meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=served.usage)
     if cache.entry_key is not None:
-        await _cache_store(runtime, meter, cache.entry_key, served)
+        # In the background: a slow or hung Redis must not hold the answer back.
+        runtime.spawn(_cache_store(runtime, meter, cache.entry_key, served))
     return Response(status=200, body=body, headers=headers)
 
 

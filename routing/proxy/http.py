@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from routing.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from routing.errors import GatewayError, InvalidRequest, PayloadTooLarge, UpstreamRateLimited
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,6 +72,10 @@ def error_response(
     headers = dict(exc.headers)
     if request_id:
         headers["x-request-id"] = request_id
+    if isinstance(exc, UpstreamRateLimited) and "retry-after" not in headers:
+        # Every 429 says when to retry: the provider's own wait if it gave one (its
+        # absence still lets failover back off its own way), else a second.
+        headers["retry-after"] = "1"
     body = exc.anthropic_body() if anthropic else exc.openai_body()
     return Response(status=exc.status, body=body, headers=headers)
 
