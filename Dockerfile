@@ -14,12 +14,18 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOLLGATE_VAR_DIR=/app/var
 RUN useradd --create-home --uid 10001 tollgate
 WORKDIR /app
 COPY --from=build /install /usr/local
-COPY --chown=tollgate:tollgate . /app
-RUN mkdir -p /app/var && chown tollgate:tollgate /app/var
+# The code stays root's (read-only to the app); only var/ is the app user's. Its
+# usage-spool/ keeps usage events while Redis is away: mount a volume there
+# (docker-compose.yml does), so a replaced container's spool is replayed, not lost.
+COPY . /app
+RUN mkdir -p /app/var/usage-spool && chown -R tollgate:tollgate /app/var
 USER tollgate
 # Static files are baked into the image; DEBUG only lets settings load without secrets.
 RUN DEBUG=1 python manage.py collectstatic --noinput -v 0
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/admin/login/', timeout=2)" || exit 1
+# Liveness: /healthz answers while the web process runs, whatever its dependencies
+# do. Readiness (/readyz: database, Redis, usage ingestion) is for load balancers;
+# restarting a process would not bring a dependency back.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)" || exit 1
 CMD ["bin/run-process", "web"]

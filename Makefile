@@ -14,7 +14,7 @@ TEST_SECRETS := SECRET_KEY=tollgate-test-secret-key-0123456789abcdefghijklmnopqr
 	TOLLGATE_ENCRYPTION_KEYS=dGVzdC1vbmx5LWZlcm5ldC1rZXktMDEyMzQ1Njc4OWE= \
 	ALLOWED_HOSTS=127.0.0.1,localhost,testserver
 
-.PHONY: install run stack mock test lint test-postgres test-embedded browser bench bench-dashboard clean
+.PHONY: install run stack mock test lint test-postgres test-embedded browser nginx bench bench-dashboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ stack: install
 mock: install
 	$(PY) -m routing.mockprovider --host 127.0.0.1 --port $(MOCK_PORT)
 
-test: install browser lint test-postgres test-embedded
+test: install browser nginx lint test-postgres test-embedded
 
 # The dashboard's browser tests drive Debian's Chromium (Playwright's own download
 # cannot run here); install it once if it is missing.
@@ -42,6 +42,12 @@ browser:
 	@test -x /usr/bin/chromium || { echo "Installing Debian's chromium for the browser tests"; \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The reverse-proxy test runs deploy/nginx.conf in front of a gateway (it skips without nginx).
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "Installing nginx-light for the reverse-proxy test"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,5 @@
-"""The one ASGI application: /v1/ goes to the lean proxy, the rest to Django.
+"""The one ASGI application: /v1/ goes to the lean proxy, /healthz and /readyz
+to the probes (gatewaysite/health.py), the rest to Django.
 
 The proxy path skips Django's request handler and middleware entirely
 (measured 5-10x faster, see DESIGN.md); Django itself serves the dashboard,
@@ -17,6 +18,8 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from dashboard.live import LiveFeedConsumer  # noqa: E402
+from gatewaysite.health import HEALTH_PATHS, HealthApp  # noqa: E402
+from gatewaysite.metrics import METRICS_PATH, MetricsApp  # noqa: E402
 from routing.proxy.app import ProxyApp  # noqa: E402
 from routing.proxy.http import Receive, Scope, Send  # noqa: E402
 
@@ -28,6 +31,8 @@ live_feed_application = AllowedHostsOriginValidator(AuthMiddlewareStack(LiveFeed
 class GatewayApplication:
     def __init__(self) -> None:
         self.proxy = ProxyApp()
+        self.health = HealthApp(usage=self.proxy.runtime.usage)
+        self.metrics = MetricsApp(runtime=self.proxy.runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -35,6 +40,11 @@ class GatewayApplication:
             await self.proxy(scope, receive, send)  # Django has no lifespan handling
         elif kind == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
             await self.proxy(scope, receive, send)
+        elif kind == "http" and scope["path"] in HEALTH_PATHS:
+            # Before Django: no middleware and no ALLOWED_HOSTS, so probes by IP work.
+            await self.health(scope, receive, send)
+        elif kind == "http" and scope["path"] == METRICS_PATH:
+            await self.metrics(scope, receive, send)  # the same, for scrapes by IP
         elif kind == "http":
             await django_application(scope, receive, send)
         elif kind == "websocket" and scope["path"] == LIVE_FEED_PATH:

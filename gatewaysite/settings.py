@@ -8,6 +8,7 @@ switches the same code to PostgreSQL and Redis.
 import base64
 import binascii
 import hashlib
+import ipaddress
 from pathlib import Path
 
 import dj_database_url
@@ -94,6 +95,8 @@ INSTALLED_APPS = [
 # Kept short on purpose: every MiddlewareMixin hook is a thread hop under ASGI.
 # The /v1/ proxy never passes through this list (see gatewaysite/asgi.py).
 MIDDLEWARE = [
+    # First, so its latency covers the rest; one `tollgate.access` line per request.
+    "gatewaysite.logging.access_log_middleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -377,6 +380,12 @@ TOLLGATE_LIMITS_FAIL_OPEN = env_bool("TOLLGATE_LIMITS_FAIL_OPEN", False)
 TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
     "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1
 )
+# Readiness (/readyz, gatewaysite/health.py): how long each dependency check may take,
+# and how far usage ingestion may fall behind before it reports "degraded".
+TOLLGATE_HEALTH_TIMEOUT_SECONDS = env_float("TOLLGATE_HEALTH_TIMEOUT_SECONDS", 1.0, minimum=0.05)
+TOLLGATE_HEALTH_USAGE_LAG_SECONDS = env_float(
+    "TOLLGATE_HEALTH_USAGE_LAG_SECONDS", 30.0, minimum=0.1
+)
 
 # ---------------------------------------------------------------- Alerts
 
@@ -429,10 +438,69 @@ CELERY_BEAT_SCHEDULE["alert-deliveries-sweep"] = {
 
 # ---------------------------------------------------------------- Logging
 
+# LOG_FORMAT=json: every log line is one JSON object (gatewaysite/logging.py), tracebacks
+# included as a field; plain: "time level logger: message".
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}.")
+# One line per request on the `tollgate.access` logger (/v1 and Django), whatever LOG_LEVEL.
+TOLLGATE_ACCESS_LOG = env_bool("TOLLGATE_ACCESS_LOG", default=True)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    "formatters": {
+        "plain": {
+            "()": "gatewaysite.logging.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        },
+        "json": {"()": "gatewaysite.logging.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # Off means a level nothing is logged at: the proxy then skips building the line.
+        "tollgate.access": {
+            "handlers": ["console"],
+            "level": "INFO" if TOLLGATE_ACCESS_LOG else "CRITICAL",
+            "propagate": False,
+        },
+        # uvicorn's own lines (start-up, errors) in the same format; its access log,
+        # which `tollgate.access` replaces, off.
+        **(
+            {
+                "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+                "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            }
+            if LOG_FORMAT == "json"
+            else {}
+        ),
+    },
 }
+# Celery keeps the configuration above instead of its own plain handler.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = LOG_FORMAT != "json"
+
+# ---------------------------------------------------------------- Metrics
+
+# /metrics (gatewaysite/metrics.py), Prometheus text format. A scrape must come from one
+# of these networks and, when a token is set, present it as "Authorization: Bearer
+# <token>"; a scrape relayed by a proxy (X-Forwarded-For...) needs the token.
+TOLLGATE_METRICS_TOKEN = env_str("TOLLGATE_METRICS_TOKEN")
+if TOLLGATE_METRICS_TOKEN and len(TOLLGATE_METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("TOLLGATE_METRICS_TOKEN must be at least 16 characters long.")
+TOLLGATE_METRICS_ALLOW_NETWORKS = env_list(
+    "TOLLGATE_METRICS_ALLOW_NETWORKS", ["127.0.0.0/8", "::1/128"]
+)
+for _network in TOLLGATE_METRICS_ALLOW_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TOLLGATE_METRICS_ALLOW_NETWORKS: {_network!r} is not a network (e.g. 10.0.0.0/8)."
+        ) from None
+# With several web workers, each writes its counters here every FLUSH_SECONDS and a
+# scrape sums them (bin/run-process web sets and clears it). Unset: one process's own.
+TOLLGATE_METRICS_DIR = env_str("TOLLGATE_METRICS_DIR")
+TOLLGATE_METRICS_FLUSH_SECONDS = env_float("TOLLGATE_METRICS_FLUSH_SECONDS", 1.0, minimum=0.05)
+# Spend, budget and queue gauges are read from the database and Redis at most this often.
+TOLLGATE_METRICS_CACHE_SECONDS = env_float("TOLLGATE_METRICS_CACHE_SECONDS", 10.0, minimum=0.0)

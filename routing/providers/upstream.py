@@ -22,6 +22,7 @@ from routing.errors import (
     UpstreamUnreachable,
 )
 from routing.providers.base import ProviderAdapter, UpstreamStream
+from routing.proxy.tracing import current_trace
 
 # Error bodies are read for a message only; anything longer is cut.
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -121,19 +122,25 @@ async def post_json(
 ) -> aiohttp.ClientResponse:
     """The 2xx response to a JSON POST, by `accepted_by` if set; else UpstreamError, released."""
     with client_errors_mapped():
-        async with asyncio.timeout(None if accepted_by is None else _seconds_until(accepted_by)):
-            response = await session.post(
-                url,
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
-            try:
-                await raise_for_upstream_status(response)
-            except BaseException:
-                response.release()
-                raise
+        if accepted_by is None:  # the client timeout alone applies: no second timer
+            return await _accepted(session, url, body, headers, client_timeout)
+        async with asyncio.timeout(_seconds_until(accepted_by)):
+            return await _accepted(session, url, body, headers, client_timeout)
+
+
+async def _accepted(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
+    client_timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:  # fmt: skip
+    response = await session.post(
+        url, data=orjson.dumps(body), headers=headers, timeout=client_timeout,
+        allow_redirects=False,
+    )  # fmt: skip
+    try:
+        await raise_for_upstream_status(response)
+    except BaseException:
+        response.release()
+        raise
     return response
 
 
@@ -191,12 +198,15 @@ class HTTPAdapter(ProviderAdapter):
         accepted_by: float | None = None,
     ) -> aiohttp.ClientResponse:
         """The provider's 2xx response to `body`; raises UpstreamError, the response released."""
+        headers = self._headers(deployment, request_id)
+        if (trace := current_trace()) is not None:  # only while tracing is on
+            trace.inject_upstream(headers, request_id=request_id)
         try:
             return await post_json(
                 self.session,
                 self._url(deployment, target),
                 body,
-                headers=self._headers(deployment, request_id),
+                headers=headers,
                 client_timeout=client_timeout,
                 accepted_by=accepted_by,
             )

@@ -1,12 +1,14 @@
 """The lean ASGI application serving /v1/: no Django request handler, no middleware."""
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from routing.errors import GatewayError, MethodNotAllowed, NotFound
-from routing.proxy import endpoints
+from routing.proxy import endpoints, observe
 from routing.proxy.http import (
     ClientGone,
     ProxyRequest,
@@ -21,6 +23,10 @@ from routing.proxy.http import (
     send_stream,
 )
 from routing.proxy.runtime import ProxyRuntime
+from routing.proxy.tracing import tracing_start
+
+if TYPE_CHECKING:
+    from routing.proxy.otel import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,9 @@ class ProxyApp:
     def __init__(self) -> None:
         self.runtime = ProxyRuntime()
         self._started = False
+        # Several workers: each one's counters for /metrics, in TOLLGATE_METRICS_DIR.
+        self.snapshots: observe.SnapshotWriter | None = None
+        self.tracing: Tracing | None = None  # OpenTelemetry, when OTEL_* asks for it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -71,11 +80,16 @@ class ProxyApp:
             return
         if not self._started:  # a server without lifespan support
             await self._start()
-        await self._http(scope, receive, send)
+        if self.tracing is None:
+            await self._http(scope, receive, send)
+        else:
+            await self.tracing.serve(self._http, scope, receive, send)
 
     async def _start(self) -> None:
         self._started = True
+        self.tracing = tracing_start()
         await self.runtime.start()
+        self.snapshots = observe.snapshots_start(self.runtime.usage)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -90,12 +104,18 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.stop()
+                if self.snapshots is not None:
+                    await self.snapshots.stop()  # the last requests' counts outlive the worker
+                if self.tracing is not None:
+                    # After the runtime: the spans of requests it let finish are exported too.
+                    await asyncio.to_thread(self.tracing.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         response: Response | StreamingResponse
         request_id = None
+        started = observe.request_started()
         anthropic = scope["path"].rstrip("/") in ANTHROPIC_FORMAT_PATHS
         try:
             endpoint = _resolve(scope["method"], scope["path"])
@@ -105,6 +125,10 @@ class ProxyApp:
             request_id = request.request_id
             response = await endpoint(request, self.runtime)
         except ClientGone:
+            observe.request_finished(
+                scope, request_id=request_id, status=observe.CLIENT_DISCONNECTED, headers={},
+                started=started,
+            )  # fmt: skip
             return
         except GatewayError as exc:
             response = error_response(exc, request_id=request_id, anthropic=anthropic)
@@ -115,7 +139,14 @@ class ProxyApp:
                 request_id=request_id,
                 anthropic=anthropic,
             )
-        if isinstance(response, StreamingResponse):
-            await send_stream(send, receive, response)
-        else:
-            await send_response(send, response)
+        try:
+            if isinstance(response, StreamingResponse):
+                await send_stream(send, receive, response)
+            else:
+                await send_response(send, response)
+        finally:
+            # After the answer (a stream: its end, when its usage is recorded too).
+            observe.request_finished(
+                scope, request_id=request_id, status=response.status, headers=response.headers,
+                started=started,
+            )  # fmt: skip

@@ -3,7 +3,7 @@
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billing.bodies import body_log_max_bytes
 from billing.contracts import LoggedBodies, TokenUsage, UpstreamAttempt, UsageRecord
@@ -13,11 +13,16 @@ from billing.stream import UsageSink
 from routing.contracts import DeploymentSpec, RoutePlan
 from routing.errors import GatewayError, LimitExceeded, UpstreamError
 from routing.health import DeploymentHealth
+from routing.proxy import observe
 from routing.proxy.http import ProxyRequest
 from routing.proxy.limits import Admission
 from routing.proxy.steps import presented_key
+from routing.proxy.tracing import current_trace
 from routing.snapshot import ConfigSnapshot
 from tenants.contracts import KeyContext
+
+if TYPE_CHECKING:
+    from routing.proxy.otel import RequestTrace
 
 
 def outcome_of(exc: GatewayError) -> str:
@@ -111,6 +116,8 @@ class Meter:
         self._health = health  # hears the tokens each deployment used, for TPM limits
         self._settle_later = settle_later
         self._recorded = False
+        self.usage_record: UsageRecord | None = None  # the event, once recorded
+        observe.meter_opened(self)  # for the request's metrics and access log line
         self.admission: Admission | None = None
         self.endpoint = endpoint
         self.model = ""
@@ -133,28 +140,43 @@ class Meter:
         self.response_capture: BodyCapture | None = (
             BodyCapture(self._body_max_bytes + _KEY_SLACK_BYTES) if key.log_request_bodies else None
         )
+        # Only while tracing is on (routing.proxy.tracing); a shadow copy is not traced.
+        trace = current_trace()
+        self._trace: RequestTrace | None = trace if trace and trace.claim(request) else None
+
+    @property
+    def key(self) -> KeyContext:
+        return self._key
 
     def serving(self, deployment: DeploymentSpec) -> None:
         """An upstream attempt begins on `deployment`."""
         self.deployment = deployment
         self.attempts += 1
         self._attempt_notes.append((deployment, time.monotonic()))
+        if self._trace is not None:
+            self._trace.attempt_started(deployment, self.route)
 
     def attempt_failed(self, exc: GatewayError) -> None:
         """The current upstream attempt failed and the request moves on to another."""
         if self._attempt_notes:
             deployment, began = self._attempt_notes[-1][:2]
             self._attempt_notes[-1] = (deployment, began, time.monotonic(), exc)
+        if self._trace is not None:
+            self._trace.attempt_failed(exc)
 
     def first_byte_sent(self) -> None:
         if self.ttft_ms is None:
             self._first_byte_at = time.monotonic()
             self.ttft_ms = self._request.elapsed_ms()
+            if self._trace is not None:
+                self._trace.first_chunk()
 
     def keep_response(self, body: bytes) -> None:
         """The complete response the client got, for the request log (if the org logs bodies)."""
         if self.response_capture is not None:
             self.response_capture.replace(body)
+        if self._trace is not None:
+            self._trace.response_body(body)
 
     def record_failure(self, exc: GatewayError, usage: TokenUsage | None = None) -> None:
         """Record a failed request, with whatever it used before failing."""
@@ -233,6 +255,9 @@ class Meter:
             ),
             bodies=self._logged_bodies() if self.response_capture is not None else None,
         )
+        if self._trace is not None:
+            self._trace.recorded(record, key_prefix=self._key.prefix, route=self.route)
+        self.usage_record = record
         if self.admission is None:
             self._sink.add(record)
             return
