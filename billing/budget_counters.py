@@ -80,18 +80,25 @@ class BudgetLine:
     limit_nanos: int
     hard: bool
     window: BudgetWindow
-    # Derived once, not per call: the hot path sends them with every operation.
-    redis_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Derived once per line, not per call: the hot path sends them with every
+    # operation (the keys lazily: the alerts check builds every budget's line).
     end_ts: float | None = field(init=False, repr=False, compare=False)
+    _redis_keys: tuple[str, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.limit_nanos < MAX_NANOS:
             raise ValueError(f"limit_nanos must be in (0, 2**53): {self.limit_nanos}")
-        prefix = self.key_prefix
-        keys = tuple(f"{prefix}:{part}" for part in _LINE_KEY_PARTS)
-        object.__setattr__(self, "redis_keys", keys)
         end_at = self.window.end_at
         object.__setattr__(self, "end_ts", None if end_at is None else end_at.timestamp())
+
+    @property
+    def redis_keys(self) -> tuple[str, ...]:
+        keys = self._redis_keys
+        if keys is None:
+            prefix = self.key_prefix
+            keys = tuple(f"{prefix}:{part}" for part in _LINE_KEY_PARTS)
+            object.__setattr__(self, "_redis_keys", keys)
+        return keys
 
     @property
     def period_id(self) -> str:

@@ -5,8 +5,10 @@ redis-py checks a connection out of a pool for each command and makes a few doze
 Python calls around it: with hiredis installed that was still over a third of a
 proxy worker's CPU (bench/README.md). Here hiredis packs each command, the commands
 issued in one event-loop turn are written in one go, and the replies, which Redis
-sends in order, are matched to waiting futures as they arrive. A command costs a few
-microseconds of Python and shares its round trip and syscalls with the others.
+sends in order, are matched to waiting futures as they arrive. While commands are in
+flight, new ones queue and go together once replies come in (see `_Connection.send`).
+A command costs a few microseconds of Python and shares its round trip and syscalls
+with the others.
 
 Errors are redis-py's (ConnectionError, TimeoutError, ResponseError, NoScriptError),
 so callers' RedisError policies apply unchanged. A command unanswered after
@@ -56,6 +58,7 @@ class _Connection(asyncio.Protocol):
         # The pending write: soon (this loop turn's commands), or later (deferred only).
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False
+        self._urgent_queued = False  # a queued command that someone is waiting on
         # Futures of the commands sent and not yet answered, oldest first, with when sent.
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -66,25 +69,42 @@ class _Connection(asyncio.Protocol):
         self._watchdog = self._loop.call_later(self._timeout_s / 4, self._check_deadline)
 
     def send(self, packed: bytes, *, defer_s: float = 0.0) -> asyncio.Future[Any]:
-        """Queue a command; it is written with the others of this loop turn, or with
-        `defer_s` > 0 up to that much later, with whatever comes by then."""
+        """Queue a command and return the future of its reply.
+
+        Nagle-like, so that under load one write carries many commands: with nothing
+        in flight a command is written at the end of this loop turn (with the others
+        of the turn); while earlier commands await their replies, it waits for them
+        and goes with the next write, made as soon as replies come in. A deferred
+        command (`defer_s` > 0: a settle nobody waits on) waits up to that long for
+        company, or goes at once on an idle connection.
+        """
         if self.closed:
             raise ConnectionError("The connection to Redis is closed.")
         future = self._loop.create_future()
+        in_flight = len(self._waiting) - len(self._outgoing)
         self._outgoing.append(packed)
         self._waiting.append((future, time.monotonic()))
+        idle = in_flight == 0 and not self._urgent_queued
         if not defer_s:
-            if not self._flush_soon:
-                if self._flush_handle is not None:
-                    self._flush_handle.cancel()  # deferred commands go now, with this one
-                self._flush_handle = self._loop.call_soon(self._flush)
-                self._flush_soon = True
+            self._urgent_queued = True
+            if in_flight == 0 and not self._flush_soon:
+                self._schedule_flush_soon()
+        elif idle and not self._flush_soon:
+            self._schedule_flush_soon()
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_later(defer_s, self._flush)
         return future
 
+    def _schedule_flush_soon(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # deferred commands go now, with this one
+        self._flush_handle = self._loop.call_soon(self._flush)
+        self._flush_soon = True
+
     def _flush(self) -> None:
-        self._flush_handle, self._flush_soon = None, False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_handle, self._flush_soon, self._urgent_queued = None, False, False
         outgoing, self._outgoing = self._outgoing, []
         if outgoing and not self.closed and self._transport is not None:
             self._transport.write(b"".join(outgoing))
@@ -105,6 +125,9 @@ class _Connection(asyncio.Protocol):
                 reply = self._reader.gets()
         except hiredis.ProtocolError as exc:
             self.close(ConnectionError(f"Redis protocol error: {exc}"))
+            return
+        if self._urgent_queued:
+            self._flush()  # what queued up while these were in flight
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(ConnectionError("The connection to Redis was lost."))

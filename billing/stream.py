@@ -127,30 +127,47 @@ def usage_record_decode(fields: Mapping[bytes, bytes]) -> UsageRecord:
 
 
 @cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, declared type, required) of each field: worked out once per class, as the
+    ingestion worker decodes every event with them."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            field.name,
+            hints[field.name],
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING,
+        )
+        for field in dataclasses.fields(cls)
+    )
+
+
+@cache
+def _shape(kind: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A type's origin and arguments (`int | None` -> Union, (int, NoneType)), once per type."""
+    return typing.get_origin(kind), typing.get_args(kind)
 
 
 def _decode_dataclass(cls: type, payload: object, *, path: str) -> Any:
     if not isinstance(payload, dict):
         raise MalformedUsageEntry(f"{path or 'record'}: expected an object")
-    types_ = _field_types(cls)
     values = {}
-    for field in dataclasses.fields(cls):
-        if field.name in payload:
-            values[field.name] = _decode_value(
-                types_[field.name], payload[field.name], path=f"{path}{field.name}"
-            )
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise MalformedUsageEntry(f"{path}{field.name}: missing")
+    for name, kind, required in _fields_of(cls):
+        if name in payload:
+            values[name] = _decode_value(kind, payload[name], path=f"{path}{name}")
+        elif required:
+            raise MalformedUsageEntry(f"{path}{name}: missing")
     return cls(**values)
 
 
 def _decode_value(kind: Any, value: object, *, path: str) -> object:
     """Convert one JSON value to the field's declared type, strictly."""
-    origin = typing.get_origin(kind)
+    if kind is int and type(value) is int:  # the commonest case first
+        return value
+    if kind is str and type(value) is str:
+        return value
+    origin, args = _shape(kind)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
+        options = args
         if value is None and type(None) in options:
             return None
         for option in options:
@@ -162,8 +179,8 @@ def _decode_value(kind: Any, value: object, *, path: str) -> object:
     if origin in (tuple, list, frozenset, set):
         if not isinstance(value, list):
             raise MalformedUsageEntry(f"{path}: expected a list")
-        args = [arg for arg in typing.get_args(kind) if arg is not Ellipsis]
-        item_kind = args[0] if args else Any
+        items = [arg for arg in args if arg is not Ellipsis]
+        item_kind = items[0] if items else Any
         return origin(_decode_value(item_kind, item, path=f"{path}[]") for item in value)
     if origin in (dict, Mapping) or kind in (dict, Mapping):
         if not isinstance(value, dict):

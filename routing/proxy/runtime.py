@@ -45,8 +45,9 @@ _HEALTH_SYNC_SECONDS = 1.0
 _SPIKE_CHECK_SECONDS = 300.0
 # Longest wait for a free Redis connection before a request fails.
 _REDIS_POOL_WAIT_S = 5.0
-# How long a finished request's settle may wait to share a write to Redis with
-# others: under load, many settles then cost one syscall and one wake-up of Redis.
+# How long a finished request's settle may wait, while other commands are in flight,
+# to share a write to Redis with them: under load, many settles then cost one
+# syscall and one wake-up of Redis; an idle connection sends it at once.
 _SETTLE_BATCH_S = 0.002
 # Longest wait at shutdown for requests settling on their budgets.
 _SETTLE_AT_STOP_S = 10.0

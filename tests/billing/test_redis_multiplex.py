@@ -201,24 +201,42 @@ def test_it_runs_on_uvloop_as_the_proxy_does(private_redis: PrivateRedis) -> Non
 
 
 @pytest.mark.asyncio
-async def test_deferred_commands_wait_for_company_but_not_longer_than_asked(
+async def test_deferred_commands_wait_for_company_only_while_others_are_in_flight(
     private_redis: PrivateRedis,
 ) -> None:
     client = MultiplexedRedis.from_url(private_redis.url())
     deferred = client.deferred(0.2)
+    pusher = redis.Redis(port=private_redis.port)
+    loop = asyncio.get_running_loop()
     try:
         await client.execute("PING")
-        loop = asyncio.get_running_loop()
+        # An idle connection: nothing to wait for, the command goes at once.
         started = loop.time()
         assert await deferred.eval("return 1", 0) == 1
-        assert 0.15 <= loop.time() - started < 1.0  # sent when its wait ran out
+        assert loop.time() - started < 0.15
 
+        # A busy one (a BLPOP in flight until the list gets an item after 0.1 s): the
+        # deferred command waits its 0.2 s for company, then goes on its own.
+        blocked = asyncio.ensure_future(client.execute("BLPOP", "queue", 5))
+        await asyncio.sleep(0.02)
+        started = loop.time()
+        waiting = asyncio.ensure_future(deferred.eval("return 2", 0))
+        loop.call_later(0.1, pusher.lpush, "queue", "item")
+        assert await waiting == 2
+        assert 0.18 <= loop.time() - started < 1.0
+        assert await blocked == [b"queue", b"item"]
+
+        # Busy again: a command sent meanwhile takes the deferred one along, in order.
+        blocked = asyncio.ensure_future(client.execute("BLPOP", "queue", 5))
+        await asyncio.sleep(0.02)
         started = loop.time()
         waiting = asyncio.ensure_future(deferred.eval("return redis.call('INCR', 'x')", 0))
         await asyncio.sleep(0.01)
-        # A command sent now takes the deferred one along, in order.
-        assert await client.execute("INCR", "x") == 2
-        assert await waiting == 1
+        incremented = asyncio.ensure_future(client.execute("INCR", "x"))
+        loop.call_later(0.05, pusher.lpush, "queue", "item")
+        assert await waiting == 1 and await incremented == 2
         assert loop.time() - started < 0.15
+        await blocked
     finally:
         await client.aclose()
+        pusher.close()
