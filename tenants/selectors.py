@@ -100,7 +100,9 @@ def virtual_key_contexts() -> list[KeyContext]:
     shared_budgets: dict[tuple[int, int | None], tuple[BudgetSpec, ...]] = {}
     org_slugs: dict[str, str] = {}
 
-    def scope_limits(scope: str, scope_id: int, name: str, rpm: int | None, tpm: int | None):
+    def scope_limits(
+        scope: str, scope_id: int, name: str, rpm: int | None, tpm: int | None
+    ) -> ScopeLimits:
         limits = shared_limits.get((scope, scope_id))
         if limits is None:
             label = f"{'organization' if scope == 'org' else scope} '{name}'"
