@@ -339,6 +339,11 @@ else:
 
 # Largest request body the proxy accepts; bigger bodies get 413 before they are read.
 TOLLGATE_MAX_REQUEST_BYTES = env_int("TOLLGATE_MAX_REQUEST_BYTES", 10 * 1024 * 1024, minimum=1024)
+# A provider's answer, or one event of its stream, larger than this is refused (502)
+# while it is read, never buffered whole: a broken or hostile upstream cannot exhaust memory.
+TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES = env_int(
+    "TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES", 32 * 1024 * 1024, minimum=1024
+)
 # Provider base URLs entered in the dashboard may point at loopback, private,
 # link-local or reserved addresses (a local vLLM or Ollama) only when this is on;
 # on by default in the embedded default (DEBUG), off in production.

@@ -115,6 +115,12 @@ class UpstreamMalformed(UpstreamError):
     default_code = "upstream_malformed_response"
 
 
+class UpstreamResponseTooLarge(UpstreamError):
+    """The provider's answer (or one event of its stream) is over the configured bound."""
+
+    default_code = "upstream_response_too_large"
+
+
 class UpstreamRateLimited(UpstreamError):
     status = 429
     error_type = "rate_limit_error"

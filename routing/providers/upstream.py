@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from django.conf import settings
 
 from billing.contracts import TokenUsage
 from routing.contracts import DeploymentSpec
@@ -18,6 +19,7 @@ from routing.errors import (
     UpstreamMalformed,
     UpstreamRateLimited,
     UpstreamRejected,
+    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -144,11 +146,30 @@ async def _accepted(
     return response
 
 
+def _too_large(limit: int) -> UpstreamResponseTooLarge:
+    return UpstreamResponseTooLarge(
+        f"The upstream provider's answer is larger than the gateway accepts ({limit:,} bytes)."
+    )
+
+
 async def read_body(response: aiohttp.ClientResponse) -> bytes:
-    """The whole body of a non-streamed reply; the response is released however it ends."""
+    """The whole body of a non-streamed reply, at most TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES
+    (checked while reading); the response is released however it ends."""
+    limit = settings.TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES
     try:
         with client_errors_mapped():
-            return await response.read()
+            declared = response.content_length
+            if declared is not None:  # aiohttp reads no more than it declares
+                if declared > limit:
+                    raise _too_large(limit)
+                return await response.read()
+            chunks, size = [], 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            return b"".join(chunks)
     finally:
         response.release()
 
@@ -259,12 +280,13 @@ def mid_stream_error(error_class: type[UpstreamError], message: object) -> Upstr
 
 
 async def sse_event_batches(
-    content: aiohttp.StreamReader,
+    content: aiohttp.StreamReader, *, max_event_bytes: int
 ) -> AsyncIterator[list[bytes]]:
     """Complete SSE events (without their blank-line terminator), batched per read.
 
     Events that arrive in one network read come out together, so a fast
-    upstream costs one client write per read rather than per event.
+    upstream costs one client write per read rather than per event. An event
+    still incomplete past `max_event_bytes` is refused, not buffered on.
     """
     buffer = b""
     async for data in content.iter_any():
@@ -272,8 +294,12 @@ async def sse_event_batches(
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         if b"\n\n" not in buffer:
+            if len(buffer) > max_event_bytes:
+                raise _too_large(max_event_bytes)
             continue
         *events, buffer = buffer.split(b"\n\n")
+        if len(buffer) > max_event_bytes:
+            raise _too_large(max_event_bytes)
         yield [event for event in events if event]
     if buffer.strip():
         yield [buffer.strip()]
@@ -342,7 +368,9 @@ class SSEStream(UpstreamStream):
 
     async def events(self) -> AsyncIterator[bytes]:
         """Translated batches as they arrive; the first must come by the first-event deadline."""
-        batches = sse_event_batches(self._response.content)
+        batches = sse_event_batches(
+            self._response.content, max_event_bytes=settings.TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES
+        )
         with client_errors_mapped():
             first, failure = b"", None
             async with asyncio.timeout(_seconds_until(self._first_event_deadline)):
