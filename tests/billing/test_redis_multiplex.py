@@ -7,66 +7,31 @@ must be redis-py's, and a lost or hung Redis must fail the callers waiting on it
 
 import asyncio
 import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from billing.redis_multiplex import MultiplexedRedis
-from tests.support.processes import free_port
+from tests.support.private_redis import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 
-class PrivateRedis:
-    def __init__(self, *extra: str) -> None:
-        self.port = free_port()
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--enable-debug-command", "local", *self.extra],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, password=self._password())
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                subprocess.run(["sleep", "0.05"], check=True)
-        raise RuntimeError("private redis-server did not start")
-
-    def _password(self) -> str | None:
-        if "--requirepass" in self.extra:
-            return self.extra[self.extra.index("--requirepass") + 1]
-        return None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def url(self, db: int = 0, password: str | None = None) -> str:
-        auth = f":{password}@" if password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+def url_of(server: PrivateRedis, db: int = 0, password: str | None = None) -> str:
+    auth = f":{password}@" if password else ""
+    return f"redis://{auth}127.0.0.1:{server.port}/{db}"
 
 
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
+@pytest.fixture(name="private_redis")
+def private_redis_fixture() -> Iterator[PrivateRedis]:
+    with private_redis() as server:
+        yield server
 
 
 @pytest.mark.asyncio
 async def test_concurrent_callers_each_get_their_own_reply(private_redis: PrivateRedis) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url())
+    client = MultiplexedRedis.from_url(url_of(private_redis))
     try:
         replies = await asyncio.gather(
             *(client.execute("INCRBY", f"counter:{i % 7}", i) for i in range(2_000))
@@ -86,7 +51,7 @@ async def test_concurrent_callers_each_get_their_own_reply(private_redis: Privat
 
 @pytest.mark.asyncio
 async def test_the_database_in_the_url_is_selected(private_redis: PrivateRedis) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url(db=5))
+    client = MultiplexedRedis.from_url(url_of(private_redis, db=5))
     try:
         await client.execute("SET", "where", "five")
     finally:
@@ -99,7 +64,7 @@ async def test_the_database_in_the_url_is_selected(private_redis: PrivateRedis) 
 async def test_error_replies_raise_redis_py_errors_and_the_connection_goes_on(
     private_redis: PrivateRedis,
 ) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url())
+    client = MultiplexedRedis.from_url(url_of(private_redis))
     try:
         with pytest.raises(redis.exceptions.NoScriptError):
             await client.evalsha("0" * 40, 0)
@@ -112,25 +77,21 @@ async def test_error_replies_raise_redis_py_errors_and_the_connection_goes_on(
 
 @pytest.mark.asyncio
 async def test_a_password_in_the_url_authenticates() -> None:
-    server = PrivateRedis("--requirepass", "s3cret")
-    server.start()
-    try:
-        good = MultiplexedRedis.from_url(server.url(password="s3cret"))
+    with private_redis(password="s3cret") as server:
+        good = MultiplexedRedis.from_url(url_of(server, password="s3cret"))
         assert await good.execute("PING") == b"PONG"
         await good.aclose()
-        wrong = MultiplexedRedis.from_url(server.url(password="wrong"))
+        wrong = MultiplexedRedis.from_url(url_of(server, password="wrong"))
         with pytest.raises(redis.exceptions.AuthenticationError):
             await wrong.execute("PING")
         await wrong.aclose()
-    finally:
-        server.stop()
 
 
 @pytest.mark.asyncio
 async def test_a_stopped_redis_fails_callers_and_a_restarted_one_is_used_again(
     private_redis: PrivateRedis,
 ) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url(), timeout_s=1.0)
+    client = MultiplexedRedis.from_url(url_of(private_redis), timeout_s=1.0)
     try:
         assert await client.execute("PING") == b"PONG"
         private_redis.stop()
@@ -148,7 +109,7 @@ async def test_a_stopped_redis_fails_callers_and_a_restarted_one_is_used_again(
 async def test_a_hung_redis_fails_waiting_callers_after_the_timeout(
     private_redis: PrivateRedis,
 ) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url(), timeout_s=0.5)
+    client = MultiplexedRedis.from_url(url_of(private_redis), timeout_s=0.5)
     blocker = redis.Redis(port=private_redis.port)
     try:
         assert await client.execute("PING") == b"PONG"
@@ -173,7 +134,7 @@ async def test_a_hung_redis_fails_waiting_callers_after_the_timeout(
 async def test_a_caller_that_gives_up_does_not_shift_the_others_replies(
     private_redis: PrivateRedis,
 ) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url())
+    client = MultiplexedRedis.from_url(url_of(private_redis))
     try:
         await client.execute("SET", "a", "1")
         await client.execute("SET", "b", "2")
@@ -190,7 +151,7 @@ def test_it_runs_on_uvloop_as_the_proxy_does(private_redis: PrivateRedis) -> Non
     import uvloop
 
     async def many_calls() -> list[int]:
-        client = MultiplexedRedis.from_url(private_redis.url())
+        client = MultiplexedRedis.from_url(url_of(private_redis))
         try:
             return await asyncio.gather(*(client.execute("INCR", "n") for _ in range(500)))
         finally:
@@ -204,7 +165,7 @@ def test_it_runs_on_uvloop_as_the_proxy_does(private_redis: PrivateRedis) -> Non
 async def test_deferred_commands_wait_for_company_only_while_others_are_in_flight(
     private_redis: PrivateRedis,
 ) -> None:
-    client = MultiplexedRedis.from_url(private_redis.url())
+    client = MultiplexedRedis.from_url(url_of(private_redis))
     deferred = client.deferred(0.2)
     pusher = redis.Redis(port=private_redis.port)
     loop = asyncio.get_running_loop()

@@ -212,7 +212,9 @@ def test_redis_hung_fails_budgeted_requests_within_the_timeout_and_loses_nothing
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: whether the reservation was written before Redis froze depends on
+    # timing (the client holds commands back while others are in flight).
+    strict=False,
     reason="a reservation sent to a hung Redis times out at the gateway (503), but Redis "
     "runs it once it resumes: the refused request's hold stays on the budget until its TTL "
     "(route deadline + slowest total timeout + 60 s: 13 min by default), and its rate-limit "

@@ -21,9 +21,10 @@ from tests.support.processes import free_port
 class PrivateRedis:
     """A redis-server on a port of its own, without persistence (a restart loses all)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, password: str | None = None) -> None:
         self.port = free_port()
         self.directory = directory
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -31,17 +32,20 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
 
     def start(self) -> None:
         """Start (or start again, on the same port, empty) and wait until it answers."""
         assert self.process is None, "already running"
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             "--appendonly", "no", "--dir", str(self.directory),
+             # DEBUG SLEEP, from this machine only: how a test makes Redis hang briefly.
+             "--enable-debug-command", "local",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        probe = redis.Redis(port=self.port, socket_timeout=1)
+        probe = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         try:
             wait_until(self._answers(probe), timeout_s=10, what="the private redis-server")
         finally:
@@ -77,9 +81,9 @@ class PrivateRedis:
 
 
 @contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(*, password: str | None = None) -> Iterator[PrivateRedis]:
     with tempfile.TemporaryDirectory(prefix="tollgate-private-redis-") as directory:
-        server = PrivateRedis(Path(directory))
+        server = PrivateRedis(Path(directory), password=password)
         server.start()
         try:
             yield server
