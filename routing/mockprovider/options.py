@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Literal
 
-NamedFault = Literal["hang", "reset", "malformed", "blocked"]
+NamedFault = Literal["hang", "reset", "malformed", "truncated", "blocked"]
 # An int fault is an HTTP status the mock answers with instead of a completion;
 # `blocked` is a prompt refused by safety filters, which only Gemini's API can express.
 Fault = int | NamedFault | None
@@ -60,17 +60,17 @@ def _parse_delay(name: str) -> Callable[[str], int]:
 
 
 def parse_fault(raw: str) -> Fault:
-    """Return the fault in `raw`: status 400-599, hang, reset, malformed, blocked or none."""
+    """Return the fault in `raw`: status 400-599, a named fault, or none."""
     text = raw.strip().lower()
     if text in ("", "none"):
         return None
-    if text == "hang" or text == "reset" or text == "malformed" or text == "blocked":
+    if text in ("hang", "reset", "malformed", "truncated", "blocked"):
         return text
     if text.isascii() and text.isdigit() and 400 <= int(text) <= 599:
         return int(text)
     raise OptionError(
-        "mock option fault must be a status 400-599, hang, reset, malformed, blocked or none, "
-        f"got {raw!r}"
+        "mock option fault must be a status 400-599, hang, reset, malformed, truncated, "
+        f"blocked or none, got {raw!r}"
     )
 
 

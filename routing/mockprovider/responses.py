@@ -114,7 +114,7 @@ async def answer_with_fault(request: web.BaseRequest, options: MockOptions) -> w
     if options.fault == "reset":
         reset_connection(request)
         return web.Response()
-    if options.fault == "malformed":
+    if options.fault == "malformed" or options.fault == "truncated":
         return web.Response(body=MALFORMED_BODY, content_type="application/json")
     raise fault_error(options)
 
@@ -137,7 +137,7 @@ async def send_stream(
     closing events `chunk_delay_ms` apart (one write when that is zero, to stay cheap).
     """
     fault = options.fault
-    if fault is not None and fault != "reset" and fault != "malformed":
+    if fault is not None and fault not in ("reset", "malformed", "truncated"):
         return await answer_with_fault(request, options)
     response = web.StreamResponse(headers=_SSE_HEADERS)
     try:
@@ -150,6 +150,8 @@ async def send_stream(
             return response
         if fault == "malformed":
             await response.write(plan.head[0] + _MALFORMED_EVENTS[family])
+        elif fault == "truncated":  # a clean end halfway: no finish, usage or [DONE]
+            await response.write(b"".join([*plan.head, *plan.words[: len(plan.words) // 2]]))
         elif options.chunk_delay_ms == 0:
             await response.write(b"".join([*plan.head, *plan.words, *plan.tail]))
         else:

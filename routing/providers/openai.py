@@ -4,12 +4,19 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import orjson
 
 from billing.contracts import TokenUsage
 from routing.contracts import ChatRequest, DeploymentSpec, EmbeddingsRequest
+from routing.errors import UpstreamMalformed
 from routing.providers.base import UpstreamReply, UpstreamStream
-from routing.providers.upstream import HTTPAdapter, SSEStream, json_object, read_body
+from routing.providers.upstream import (
+    HTTPAdapter,
+    SSEStream,
+    json_object,
+    read_body,
+    sse_data_json,
+    sse_json,
+)
 from routing.tokens import estimate_input_tokens, estimate_prompt_tokens, estimate_text_tokens
 
 _DONE = b"[DONE]"
@@ -38,7 +45,12 @@ def usage_from_openai(data: Any) -> TokenUsage | None:
 
 
 class OpenAIStream(SSEStream):
-    """Relays OpenAI SSE events unchanged, reading usage from the final chunk."""
+    """Relays OpenAI SSE events unchanged, reading usage from the final chunk.
+
+    Each event is checked to be a JSON object before it is relayed: a malformed one
+    ends the client's stream with an error event (the SDK raises an API error, not a
+    decode error), and a stream that ends without `[DONE]` was cut short.
+    """
 
     def __init__(
         self,
@@ -53,6 +65,7 @@ class OpenAIStream(SSEStream):
         self._request_payload = request_payload
         self._usage: TokenUsage | None = None
         self._content_events = 0
+        self._done = False
 
     @property
     def usage(self) -> TokenUsage:
@@ -71,29 +84,38 @@ class OpenAIStream(SSEStream):
         """The events unchanged, less a usage-only chunk the client did not ask for."""
         out = []
         for event in events:
-            data = event[6:] if event.startswith(b"data: ") else None
-            if data is not None and data != _DONE:
-                if b'"usage":{' in data or b'"usage": {' in data:
-                    chunk = _loads_or_none(data) or {}
-                    usage = usage_from_openai(chunk.get("usage"))
-                    if usage is not None:
-                        self._usage = usage
-                        # Tollgate always asks for usage; only clients that did see it.
-                        if not self._include_usage and not chunk.get("choices"):
-                            continue
+            # The usual event is one `data: {...}` line; anything else takes the general path.
+            if event.startswith(b"data: ") and b"\n" not in event:
+                data = event[6:]
+                if data == _DONE:
+                    self._done = True
+                    chunk = None
+                else:
+                    chunk = sse_data_json(data)
+            elif event.replace(b" ", b"") == b"data:[DONE]":
+                self._done = True
+                chunk = None
+            else:
+                chunk = sse_json(event)  # None for a comment (a keep-alive)
+                data = event
+            if chunk is not None:
+                usage = usage_from_openai(chunk.get("usage"))
+                if usage is not None:
+                    self._usage = usage
+                    # Tollgate always asks for usage; only clients that did see it.
+                    if not self._include_usage and not chunk.get("choices"):
+                        continue
                 elif b'"content":"' in data and b'"content":""' not in data:
                     self._content_events += 1
             out.append(event)
             out.append(b"\n\n")
         return b"".join(out)
 
-
-def _loads_or_none(data: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
+    def _closing(self) -> bytes:
+        """Nothing more to send; raises UpstreamMalformed if `[DONE]` never came."""
+        if not self._done:
+            raise UpstreamMalformed("The upstream provider ended the stream before finishing.")
+        return b""
 
 
 def _completion_tokens(completion: dict[str, Any]) -> int:

@@ -315,13 +315,18 @@ def sse_json(event: bytes) -> dict[str, Any] | None:
     ]
     if not lines:
         return None
+    return sse_data_json(b"\n".join(lines))
+
+
+def sse_data_json(data: bytes) -> dict[str, Any]:
+    """The JSON object an SSE event's data holds; UpstreamMalformed if it is not one."""
     try:
-        data = orjson.loads(b"\n".join(lines))
+        parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise UpstreamMalformed("The upstream provider sent a malformed stream event.") from None
-    if not isinstance(data, dict):
+    if not isinstance(parsed, dict):
         raise UpstreamMalformed("The upstream provider sent a malformed stream event.")
-    return data
+    return parsed
 
 
 def translate_events(

@@ -239,16 +239,22 @@ class MidStream:
     provider: dict[str, Any] = field(default_factory=dict)  # another provider kind
 
 
+ANTHROPIC = {"kind": Provider.Kind.ANTHROPIC, "base_url": "mock-root"}
 AFTER_FIRST_BYTE = [
     # Half of the 20 words arrive, then the connection is reset.
     MidStream("connection-reset", "cut+fault=reset+tokens=20", "upstream_unreachable", 10),
     # The first word, then silence longer than the read timeout.
     MidStream("slow-trickle", "slow+tokens=20+chunk_delay_ms=1500", "upstream_timeout", 1),
-    # The opening event, then one that is not JSON, from a provider whose events are
-    # translated (Anthropic's): the translator finds it. For an OpenAI-format provider,
-    # whose events are relayed unchanged, see the xfail below.
+    # The opening event, then one that is not JSON: an OpenAI-format provider's events
+    # are relayed as they are, each checked to be JSON first; a translated provider's
+    # (Anthropic's) are parsed by its translator.
+    MidStream("malformed-sse", "bad+fault=malformed", "upstream_malformed_response", 0),
     MidStream("malformed-sse-translated", "bad+fault=malformed", "upstream_malformed_response",
-              0, provider={"kind": Provider.Kind.ANTHROPIC, "base_url": "mock-root"}),
+              0, provider=ANTHROPIC),
+    # Half of the 20 words, then a clean end without the finish, the usage or [DONE].
+    MidStream("truncated", "cut+fault=truncated+tokens=20", "upstream_malformed_response", 10),
+    MidStream("truncated-translated", "cut+fault=truncated+tokens=20",
+              "upstream_malformed_response", 10, provider=ANTHROPIC),
 ]  # fmt: skip
 
 
@@ -284,30 +290,6 @@ def test_a_fault_mid_stream_ends_it_with_an_error_event_and_bills_what_was_sent(
     assert event.output_tokens == max(fault.words, 1 if fault.provider else 0)
     assert event.cost_nanos == event.input_tokens * 1_000 + event.output_tokens * 10_000
     scene.assert_budget_matches_ledger()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="an OpenAI-format provider's stream is relayed unchanged (routing/providers/openai.py "
-    "OpenAIStream._translate): a malformed event reaches the client, whose SDK fails on it "
-    "with a JSONDecodeError, and the request is metered as a success; a stream that ends "
-    "without [DONE] is a success too. Proposed: check that each data payload is a JSON "
-    "object (orjson.loads; or only its first and last byte, to stay cheap), end with an "
-    "upstream_malformed_response error event instead, and fail a stream closed before [DONE]",
-)
-def test_a_malformed_event_from_an_openai_format_provider_ends_with_an_error_event(
-    scene: Scene,
-) -> None:
-    scene.route(("primary", "bad+fault=malformed", FAST))
-    chunks = scene.client().chat.completions.create(
-        model="r", messages=HELLO, max_tokens=50, stream=True
-    )
-    scene.request_ids.append(chunks.response.headers["x-request-id"])
-    with pytest.raises(openai.APIError) as raised:
-        list(chunks)
-    assert raised.value.code == "upstream_malformed_response"
-    (event,) = scene.events()
-    assert (event.outcome, event.error_class) == ("upstream_error", "upstream_malformed_response")
 
 
 def test_an_answer_that_overruns_max_tokens_is_billed_in_full_then_the_budget_blocks(
