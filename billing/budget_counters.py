@@ -185,6 +185,7 @@ class ReserveStatus(enum.Enum):
     MISSING = "missing"  # some counters are absent: seed them, then reserve again
     ALREADY_HELD = "already_held"  # this request id already holds its reservation
     RATE_LIMITED = "rate_limited"  # a rate bucket is short: nothing reserved or taken
+    VOIDED = "voided"  # the request was voided (its caller gave up): nothing taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +259,16 @@ class BudgetCounters(abc.ABC):
 
         Give the lines the request reserved on. An unknown or expired hold still
         records the cost; settling the same request again changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def void(
+        self, request_id: str, lines: Sequence[BudgetLine], charges: Sequence[RateCharge] = ()
+    ) -> None:
+        """Cancel a reserve whose answer never came (a timeout), whether it ran or not.
+
+        Releases the request's holds and gives its charges back if the reserve ran;
+        a reserve that arrives afterwards takes nothing (VOIDED). Idempotent.
         """
 
     @abc.abstractmethod
@@ -374,6 +385,8 @@ class RedisBudgetCounters(BudgetCounters):
             buckets=charges,
         )  # fmt: skip
         code, rest = int(reply[0]), reply[1:]
+        if code == 5:
+            return ReserveResult(ReserveStatus.VOIDED, amount_nanos)
         if code == 2:
             missing = tuple(lines[int(i) - 1] for i in rest)
             return ReserveResult(ReserveStatus.MISSING, amount_nanos, missing=missing)
@@ -417,6 +430,12 @@ class RedisBudgetCounters(BudgetCounters):
             return SettleResult(applied=False)
         missing = tuple(lines[int(i) - 1] for i in reply[2:])
         return SettleResult(applied=True, released_nanos=int(reply[1]), missing=missing)
+
+    async def void(
+        self, request_id: str, lines: Sequence[BudgetLine], charges: Sequence[RateCharge] = ()
+    ) -> None:
+        _check_charges(charges, taking=True)
+        await self._run("void", lines, request_id=request_id, buckets=charges)
 
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
         if not lines:
@@ -535,6 +554,8 @@ class InProcessBudgetCounters(BudgetCounters):
         _check_charges(charges, taking=True)
         now = self._clock()
         self._sweep(now)
+        if request_id in self._settled_requests:
+            return ReserveResult(ReserveStatus.VOIDED, amount_nanos)
         counters = [self._counter(line, now) for line in lines]
         missing = tuple(line for line, c in zip(lines, counters, strict=True) if c.settled is None)
         if missing:
@@ -594,6 +615,25 @@ class InProcessBudgetCounters(BudgetCounters):
                 level = min(refund.bucket.capacity, self._level(refund.bucket, now) + refund.amount)
                 self._store_level(refund.bucket, level, now)
         return SettleResult(applied=True, released_nanos=released, missing=tuple(missing))
+
+    async def void(
+        self, request_id: str, lines: Sequence[BudgetLine], charges: Sequence[RateCharge] = ()
+    ) -> None:
+        # Operations here never time out, so a reserve cannot be left in flight; this
+        # keeps the contract (release, refund if it ran, refuse a later reserve) anyway.
+        now = self._clock()
+        if request_id in self._settled_requests:
+            return
+        self._settled_requests[request_id] = now + SETTLE_MEMORY_S
+        held = False
+        for line in lines:
+            counter = self._counter(line, now)
+            held = held or request_id in counter.holds
+            self._release(counter, request_id)
+        if held:
+            for charge in charges:
+                level = min(charge.bucket.capacity, self._level(charge.bucket, now) + charge.amount)
+                self._store_level(charge.bucket, level, now)
 
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
         now = self._clock()

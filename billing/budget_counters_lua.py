@@ -81,6 +81,8 @@ local function every_line(code)
 end
 
 if op == 'reserve' then
+  -- Voided: its caller gave up waiting (a slow or frozen Redis); take nothing.
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {5} end
   local missing = {2}
   for i = 1, n do
     expire(i)
@@ -149,6 +151,25 @@ elseif op == 'settle' then
     if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
   end
   return out
+elseif op == 'void' then
+  -- The caller gave up on its reserve, which may not have run yet: mark the request
+  -- settled (a reserve arriving later takes nothing) and release what it holds.
+  redis.call('SET', KEYS[1], 'void', 'EX', ARGV[7])
+  local held = false
+  for i = 1, n do
+    local _, reserved, holds, amounts = keys(i)
+    if redis.call('HEXISTS', amounts, rid) == 1 then held = true end
+    release(reserved, holds, amounts, rid)
+  end
+  -- Its rate charges are given back only if its holds show it ran (a request with no
+  -- budget line leaves its tokens taken: they refill within the bucket's window).
+  if held then
+    for j = 1, m do
+      local _, capacity, _, amount = bucket(j)
+      if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
+    end
+  end
+  return {0}
 elseif op == 'spent' then
   local out = {0}
   for i = 1, n do

@@ -14,10 +14,11 @@ A key with no rate limit and no budget makes no counter call at all.
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from redis.exceptions import RedisError
@@ -336,6 +337,82 @@ class Admission:
             logger.exception("Settling request %s on its budgets failed", self._request_id)
 
 
+class _PendingVoid(NamedTuple):
+    counters: BudgetCounters
+    lines: tuple[BudgetLine, ...]
+    charges: tuple[RateCharge, ...]
+    until: float  # monotonic: its hold has expired by itself by then
+
+
+class _Voids:
+    """Reserves that failed at the gateway (a timeout, a dropped connection), voided
+    in the background until Redis answers.
+
+    A reserve the gateway gave up on may still sit in Redis's input, and a frozen
+    Redis runs it when it resumes; voiding it (whichever runs first) means the
+    refused request holds nothing. One drainer at a time, bounded: past the bound
+    a hold is left to expire by its own TTL.
+    """
+
+    MAX_PENDING = 10_000
+    BATCH = 64
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _PendingVoid] = {}
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(
+        self,
+        counters: BudgetCounters,
+        request_id: str,
+        lines: Sequence[BudgetLine],
+        charges: Sequence[RateCharge],
+        ttl_s: float,
+    ) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            return
+        until = time.monotonic() + ttl_s
+        self._pending[request_id] = _PendingVoid(counters, tuple(lines), tuple(charges), until)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        pause_s = 0.1
+        while self._pending:
+            now = time.monotonic()
+            batch: list[str] = []
+            for request_id, pending in list(self._pending.items()):
+                if pending.until <= now:
+                    del self._pending[request_id]
+                elif len(batch) < self.BATCH:
+                    batch.append(request_id)
+            outcomes = await asyncio.gather(
+                *(self._void(request_id) for request_id in batch), return_exceptions=True
+            )
+            if any(isinstance(outcome, (RedisError, OSError)) for outcome in outcomes):
+                await asyncio.sleep(pause_s)  # Redis still away: try again, backing off
+                pause_s = min(1.0, pause_s * 2)
+            else:
+                pause_s = 0.1
+
+    async def _void(self, request_id: str) -> None:
+        pending = self._pending[request_id]
+        try:
+            await pending.counters.void(request_id, pending.lines, pending.charges)
+        except (RedisError, OSError):
+            raise
+        except Exception:
+            logger.exception("Voiding the reserve of request %s failed", request_id)
+        self._pending.pop(request_id, None)
+
+
+reserves_to_void = _Voids()
+
+
 async def admit(
     *,
     counters: BudgetCounters,
@@ -361,6 +438,7 @@ async def admit(
             await seed_once(counters, result.missing)
             result = await counters.reserve(request_id, lines, amount_nanos, ttl_s, charges)
     except (RedisError, OSError) as exc:
+        reserves_to_void.add(counters, request_id, lines, charges, ttl_s)
         if fail_open:
             logger.error("Budget and rate counters unreachable (%s): admitting unmetered", exc)
             return None
@@ -374,7 +452,7 @@ async def admit(
     if result.status is ReserveStatus.RATE_LIMITED:
         raise _rate_refusal(result, key)
     if not result.admitted:
-        # Still missing after seeding: the counters are failing to keep data.
+        # Still missing after seeding (the counters are failing to keep data), or voided.
         logger.error("Budget counters still missing after seeding: %s", result)
         raise LimitsUnavailable(
             "Budgets cannot be checked right now; retry shortly.", headers={"retry-after": "1"}

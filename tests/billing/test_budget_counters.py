@@ -361,6 +361,38 @@ async def test_settling_gives_back_unused_tokens_and_takes_an_overrun(harness: H
     assert level.level == pytest.approx(1_000 - 120 - 900)  # used more than estimated
 
 
+async def test_voiding_a_reserve_that_ran_releases_its_hold_and_gives_its_tokens_back(
+    harness: Harness,
+) -> None:
+    budget = line(1, 1_000)
+    await seed_zero(harness, budget)
+    tokens = RateBucket("key:3:tokens", 100)
+    charges = [RateCharge(tokens, 40)]
+    assert (await harness.counters.reserve("late", [budget], 600, 60, charges)).admitted
+    await harness.other.void("late", [budget], charges)
+    await harness.other.void("late", [budget], charges)  # idempotent
+    assert await totals(harness, budget) == [(0, 0)]
+    (level,) = await harness.counters.rate_levels([tokens])
+    assert level.remaining == 100
+    # The budget has its room back: a request needing most of it fits.
+    assert (await harness.counters.reserve("next", [budget], 1_000, 60, charges)).admitted
+
+
+async def test_a_reserve_that_arrives_after_its_void_takes_nothing(harness: Harness) -> None:
+    """A frozen Redis runs a reserve its caller gave up on once it resumes: if the void
+    got there first, the reserve must not hold the budget or take rate tokens."""
+    budget = line(1, 1_000)
+    await seed_zero(harness, budget)
+    tokens = RateBucket("key:4:tokens", 100)
+    charges = [RateCharge(tokens, 40)]
+    await harness.other.void("late", [budget], charges)
+    result = await harness.counters.reserve("late", [budget], 600, 60, charges)
+    assert result.status is ReserveStatus.VOIDED and not result.admitted
+    assert await totals(harness, budget) == [(0, 0)]
+    (level,) = await harness.counters.rate_levels([tokens])
+    assert level.remaining == 100  # nothing taken, and nothing given that was not taken
+
+
 async def test_a_refusing_line_remembers_it_for_its_period(harness: Harness) -> None:
     hard, soft = line(1, 100), line(2, 100, hard=False)
     await seed_zero(harness, hard, soft)
