@@ -35,6 +35,7 @@ from billing.alerts import (
 from billing.budget_counters import BudgetLine, RedisBudgetCounters
 from billing.budget_ledger import budget_line_at
 from billing.budget_standing import BudgetStanding
+from billing.ingest import usage_events_write
 from billing.models import Alert, AlertChannel, AlertDelivery
 from billing.rollups import rollups_refresh
 from billing.webhooks import address_is_public
@@ -44,7 +45,7 @@ from tests.conftest import TEST_ACTOR
 from tests.factories import OrganizationFactory, TeamFactory, UserFactory
 from tests.support.budgets import HARNESS_KINDS, budget_harness
 from tests.support.gateway import celery_process, database_env, wait_until
-from tests.support.ledger import record_usage
+from tests.support.ledger import record_usage, usage_event
 from tests.support.processes import free_port
 from tests.support.webhooks import webhook_receiver
 
@@ -518,8 +519,10 @@ def test_email_channels_need_valid_recipients(berlin: Organization) -> None:
 
 def usage_history(org: Organization, *, hours: int, cost_nanos: int, until: datetime) -> None:
     """One request an hour costing `cost_nanos`, in each of the `hours` hours before `until`."""
-    for back in range(1, hours + 1):
-        record_usage(org, until - timedelta(hours=back) + timedelta(minutes=10), cost_nanos)
+    usage_events_write([
+        usage_event(org, until - timedelta(hours=back) + timedelta(minutes=10), cost_nanos)
+        for back in range(1, hours + 1)
+    ])  # fmt: skip
 
 
 def test_spend_spikes_alert_once_per_org_per_hour_against_the_recent_baseline() -> None:
@@ -530,8 +533,10 @@ def test_spend_spikes_alert_once_per_org_per_hour_against_the_recent_baseline() 
     small = OrganizationFactory(name="Small")
     # Ten days of history, the older three at $5/h: only the last 7 days make the baseline.
     usage_history(spiking, hours=240, cost_nanos=50 * CENT, until=baseline_end)
-    for back in range(169, 241):
-        record_usage(spiking, baseline_end - timedelta(hours=back, minutes=-20), 450 * CENT)
+    usage_events_write([
+        usage_event(spiking, baseline_end - timedelta(hours=back, minutes=-20), 450 * CENT)
+        for back in range(169, 241)
+    ])  # fmt: skip
     usage_history(steady, hours=72, cost_nanos=50 * CENT, until=baseline_end)
     usage_history(newcomer, hours=20, cost_nanos=CENT, until=baseline_end)
     usage_history(small, hours=48, cost_nanos=CENT, until=baseline_end)

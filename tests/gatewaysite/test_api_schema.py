@@ -15,6 +15,7 @@ from tenants.api_tokens import api_token_create
 from tenants.services import budget_create, virtual_key_issue
 from tests.conftest import TEST_ACTOR
 from tests.support.gateway import gateway_server, wait_for_key
+from tests.support.halves import production_half_only
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -80,6 +81,9 @@ def test_the_schema_is_served_with_local_docs() -> None:
     assert "cdn" not in docs.text.lower()
 
 
+# Once, with production settings: the embedded half serves the same API code, and the
+# fuzzing is the suite's longest test.
+@production_half_only
 def test_every_management_operation_conforms_to_the_schema(org, team, tmp_path: Path) -> None:
     token = api_token_create(org=org, name="fuzz", role="admin", actor=TEST_ACTOR).plaintext
     key = virtual_key_issue(org=org, team=team, name="fuzzed", actor=TEST_ACTOR)

@@ -317,7 +317,10 @@ def test_upstream_failures_map_to_gateway_errors(
 def test_upstream_rate_limit_passes_retry_after(
     gateway: GatewayServer, org, make_route: MakeRoute, live_key: IssueKey
 ) -> None:
-    make_route(model="busy", upstream_model="busy+fault=429+retry_after=7")
+    route = make_route(model="busy", upstream_model="busy+fault=429+retry_after=7")
+    # One attempt: a lone deployment would be retried after the 7 s it asks for.
+    route.max_attempts = 1
+    route.save(update_fields=["max_attempts"])
     with pytest.raises(openai.RateLimitError) as raised:
         client(gateway, live_key(org)).chat.completions.create(model="busy", messages=HELLO)
     assert raised.value.response.headers["retry-after"] == "7"
