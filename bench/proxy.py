@@ -46,6 +46,8 @@ BENCH_ENV = {
     "ALLOWED_HOSTS": "127.0.0.1,localhost",
     "DJANGO_SETTINGS_MODULE": "gatewaysite.settings",
     "LOG_LEVEL": "WARNING",
+    # The mock provider listens on loopback, which production settings refuse to call.
+    "TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS": "true",
 }
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 # Streams: 16 words 5 ms apart, so a gateway that holds chunks back shows it.

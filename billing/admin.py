@@ -19,12 +19,12 @@ from billing.models import (
     UsageTagRollup,
     UsageTeamRollup,
 )
-from tenants.admin import ReadOnlyAdmin
+from tenants.admin import AuditedAdmin, ReadOnlyAdmin
 from tenants.services import Actor
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
+class ModelPriceAdmin(AuditedAdmin):
     list_display = [
         "provider_kind", "model", "org", "input_usd_per_mtok", "output_usd_per_mtok",
         "cached_input_usd_per_mtok", "effective_from", "effective_until", "source",
@@ -139,7 +139,7 @@ def _show_secret_once(request: HttpRequest, channel: AlertChannel, secret: str) 
 
 
 @admin.register(AlertChannel)
-class AlertChannelAdmin(admin.ModelAdmin):
+class AlertChannelAdmin(AuditedAdmin):
     """Webhook signing secrets are write-only: shown once when created or rotated."""
 
     list_display = [

@@ -33,6 +33,7 @@ from dashboard.budgets import (
     usd_to_nanos,
 )
 from dashboard.forms import DashboardForm, TeamChoiceField, actor_of
+from tenants.ip_allowlist import ip_allowlist_normalise
 from tenants.models import Budget, Team, VirtualKey
 from tenants.services import (
     IssuedKey,
@@ -169,6 +170,7 @@ def recent_usage(*, key: VirtualKey, now: datetime) -> list[DayUsage]:
 # ------------------------------------------------------------------ forms
 
 _MODEL_SEPARATORS = re.compile(r"[,\n]")
+_IP_SEPARATORS = re.compile(r"[,\s]+")
 
 
 def parse_models(text: str) -> list[str]:
@@ -192,6 +194,13 @@ class KeySettingsForm(DashboardForm):
         required=False,
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="Public model names, separated by commas or new lines. Empty: every model.",
+    )
+    allowed_ips = forms.CharField(
+        label="Allowed IP addresses",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Addresses or networks (CIDR, IPv4 or IPv6, e.g. 203.0.113.0/24), separated "
+        "by commas or new lines. Requests from elsewhere get 403. Empty: any address.",
     )
     rpm_limit = forms.IntegerField(
         label="RPM limit",
@@ -217,6 +226,15 @@ class KeySettingsForm(DashboardForm):
 
     def clean_allowed_models(self) -> list[str]:
         return parse_models(self.cleaned_data["allowed_models"])
+
+    def clean_allowed_ips(self) -> list[str]:
+        entries = [
+            entry for entry in _IP_SEPARATORS.split(self.cleaned_data["allowed_ips"]) if entry
+        ]
+        try:
+            return ip_allowlist_normalise(entries)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
 
     def clean_expires_at(self) -> datetime | None:
         expires_at: datetime | None = self.cleaned_data["expires_at"]
@@ -318,6 +336,7 @@ def keys_new(request: HttpRequest, viewer: Viewer) -> HttpResponse:
                 team=data["team"],
                 owner=request.user,  # type: ignore[arg-type]
                 allowed_models=data["allowed_models"],
+                allowed_ips=data["allowed_ips"],
                 expires_at=data["expires_at"],
                 rpm_limit=data["rpm_limit"],
                 tpm_limit=data["tpm_limit"],
@@ -333,6 +352,7 @@ def _settings_form(key: VirtualKey, data: Any = None) -> KeySettingsForm:
     initial = {
         "name": key.name,
         "allowed_models": "\n".join(key.allowed_models),
+        "allowed_ips": "\n".join(key.allowed_ips),
         "rpm_limit": key.rpm_limit,
         "tpm_limit": key.tpm_limit,
         "expires_at": key.expires_at,

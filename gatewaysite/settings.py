@@ -350,6 +350,17 @@ TOLLGATE_MAX_UPSTREAM_RESPONSE_BYTES = env_int(
 TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS = env_bool(
     "TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS", default=DEBUG
 )
+# Or only these networks (CIDRs, comma-separated: "10.0.0.12/32,fd12::/64"). Both are
+# checked when a base URL is saved and on the address of every upstream connection
+# (routing/providers/egress.py); metadata services (169.254.169.254...) only when listed.
+TOLLGATE_PROVIDER_ALLOWED_NETWORKS = env_list("TOLLGATE_PROVIDER_ALLOWED_NETWORKS")
+for _network in TOLLGATE_PROVIDER_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TOLLGATE_PROVIDER_ALLOWED_NETWORKS: {_network!r} is not a network (e.g. 10.0.0.0/8)."
+        ) from None
 # How often each process checks whether keys, routes or prices changed.
 TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, minimum=0.01)
 # Usage events are written in batches off the request path.
@@ -509,3 +520,38 @@ TOLLGATE_METRICS_DIR = env_str("TOLLGATE_METRICS_DIR")
 TOLLGATE_METRICS_FLUSH_SECONDS = env_float("TOLLGATE_METRICS_FLUSH_SECONDS", 1.0, minimum=0.05)
 # Spend, budget and queue gauges are read from the database and Redis at most this often.
 TOLLGATE_METRICS_CACHE_SECONDS = env_float("TOLLGATE_METRICS_CACHE_SECONDS", 10.0, minimum=0.0)
+
+# ---------------------------------------------------------------- HTTPS (production)
+# With DEBUG off Tollgate assumes HTTPS in front (TLS at nginx or a load balancer):
+# Django-served pages (dashboard, admin, management API) answer plain HTTP from other
+# machines with a redirect to https, browsers are told to use HTTPS only (HSTS), and
+# cookies are Secure (Core, above). Requests from or to loopback are not redirected
+# (gatewaysite/security.py): `make run`, `make stack` on 127.0.0.1 and the tests' live
+# servers need no TLS. /v1 and the probes are served before Django: never redirected.
+# `manage.py check --deploy --fail-level WARNING` is clean once SECURE_HSTS_PRELOAD is
+# decided (tests/gatewaysite/test_deploy_check.py).
+TOLLGATE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+# Django's own redirect stays off: it would redirect loopback too. Ours stands in for
+# it, so its deploy check (security.W008) is silenced only while ours is on.
+SECURE_SSL_REDIRECT = False
+MIDDLEWARE.insert(
+    MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1,
+    "gatewaysite.security.https_redirect_middleware",
+)
+if TOLLGATE_SSL_REDIRECT:
+    SILENCED_SYSTEM_CHECKS.append("security.W008")
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+# Asks browsers to hard-code HTTPS for the domain once it is submitted to their preload
+# lists: hard to undo, so an explicit choice.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", default=False)
+# uvicorn already applies X-Forwarded-Proto from the proxies in FORWARDED_ALLOW_IPS (the
+# documented nginx setup). Turn this on only when replicas are reachable through the
+# proxy alone and its addresses cannot be listed: Django then trusts the header from anyone.
+if env_bool("TOLLGATE_TRUST_X_FORWARDED_PROTO", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Invitation e-mails carry a sign-up link (a secret): the console backend would write
+# it to the log. With DEBUG off and no EMAIL_BACKEND chosen, mail goes to files under
+# EMAIL_FILE_PATH instead; set EMAIL_BACKEND (smtp) and EMAIL_HOST... to send it.
+if not DEBUG and not env_str("EMAIL_BACKEND"):
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"

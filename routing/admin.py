@@ -13,6 +13,7 @@ from django.http import HttpRequest
 
 from routing.models import Deployment, Provider, Route
 from routing.services import deployment_list_price_ensure
+from tenants.admin import AuditedAdmin
 
 
 class ProviderForm(forms.ModelForm):
@@ -40,7 +41,7 @@ class ProviderForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(AuditedAdmin):
     form = ProviderForm
     list_display = ["name", "kind", "org", "base_url", "has_api_key", "enabled"]
     list_filter = ["kind", "enabled", "org"]
@@ -52,7 +53,7 @@ class ProviderAdmin(admin.ModelAdmin):
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(AuditedAdmin):
     list_display = ["name", "provider", "upstream_model", "priority", "weight", "enabled"]
     list_filter = ["provider", "enabled"]
     search_fields = ["name", "upstream_model"]
@@ -88,7 +89,7 @@ class RouteForm(forms.ModelForm):
 
 
 @admin.register(Route)
-class RouteAdmin(admin.ModelAdmin):
+class RouteAdmin(AuditedAdmin):
     form = RouteForm
     list_display = ["model_name", "org", "strategy", "enabled"]
     list_filter = ["strategy", "enabled", "org"]

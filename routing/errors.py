@@ -106,6 +106,12 @@ class UpstreamUnreachable(UpstreamError):
     default_code = "upstream_unreachable"
 
 
+class UpstreamAddressForbidden(UpstreamUnreachable):
+    """The provider's address is one the operator does not let upstream calls reach."""
+
+    default_code = "upstream_address_forbidden"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     default_code = "upstream_timeout"

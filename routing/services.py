@@ -5,14 +5,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Model
 
 from billing.services import catalog_price_ensure
-from billing.webhooks import host_is_private
 from routing.models import Deployment, Provider, Route
+from routing.providers.egress import egress_policy, host_permitted
 from routing.providers.presets import default_base_url
 from tenants.models import Organization
 from tenants.services import Actor, audit_record
@@ -108,26 +107,20 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict, dict]
     return {name: before.get(name) for name in names}, {name: after[name] for name in names}
 
 
-def _private_networks_allowed() -> bool:
-    # The embedded default (DEBUG) runs on one machine beside its mock provider and
-    # local model servers; a shared deployment refuses them unless told otherwise.
-    return bool(settings.TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS)
-
-
 def provider_base_url_check(*, kind: str, base_url: str) -> None:
     """Refuse a base URL (or the kind's default) that reaches our own network (SSRF).
 
     An org admin chooses where the proxy sends requests, with our network's
     reach: loopback, private, link-local or reserved addresses are refused, by
-    literal address or by what the host name resolves to now. A name that does
-    not resolve yet is accepted (it cannot be judged; the call will fail).
-    Raises ValidationError on the base_url field.
+    literal address or by what the host name resolves to now, unless the operator
+    allows them (TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS, on in the embedded
+    default; TOLLGATE_PROVIDER_ALLOWED_NETWORKS). A name that does not resolve yet
+    is accepted: every upstream connection is judged again on the address it goes
+    to (routing/providers/egress.py). Raises ValidationError on the base_url field.
     """
-    if _private_networks_allowed():
-        return
     host = urlsplit(base_url or default_base_url(kind)).hostname
     # No host: the model's own validator reports it.
-    if host and host_is_private(host):
+    if host and not host_permitted(host, egress_policy()):
         raise ValidationError({"base_url": _PRIVATE_HOST_REFUSAL})
 
 

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from tenants.ip_allowlist import IPAllowlist
+
 
 @dataclass(frozen=True, slots=True)
 class ScopeLimits:
@@ -49,6 +51,8 @@ class KeyContext:
     budgets: tuple[BudgetSpec, ...] = ()
     # The org keeps request and response bodies in its request log.
     log_request_bodies: bool = False
+    # Client networks the key may be used from; None: any (nothing to check).
+    ip_allowlist: IPAllowlist | None = None
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

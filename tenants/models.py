@@ -149,6 +149,8 @@ class VirtualKey(Revocable, RateLimited):
     secret_hash = models.CharField(max_length=64, editable=False)
     # Public model names this key may call; empty means every model of its org.
     allowed_models = models.JSONField(default=list, blank=True)
+    # Client networks (CIDRs, normalised by the services) it may be used from; empty: any.
+    allowed_ips = models.JSONField(default=list, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
@@ -271,6 +273,24 @@ class APIToken(Revocable, models.Model):
         return f"{self.name} ({self.prefix}…)"
 
 
+class AuditLogImmutable(Exception):
+    """An audit entry cannot be changed or deleted: the log is append-only."""
+
+
+class AuditLogQuerySet(models.QuerySet["AuditLog"]):
+    # The database refuses these too (tenants/audit_guard.py); failing here says why sooner.
+    def update(self, **kwargs: Any) -> int:
+        if kwargs == {"actor": None}:
+            return super().update(**kwargs)  # the acting user was deleted (SET_NULL)
+        raise AuditLogImmutable("Audit entries are append-only: they cannot be changed.")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AuditLogImmutable("Audit entries are append-only: they cannot be deleted.")
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> int:
+        raise AuditLogImmutable("Audit entries are append-only: they cannot be changed.")
+
+
 class AuditLog(models.Model):
     """Append-only record of every administrative change."""
 
@@ -294,12 +314,22 @@ class AuditLog(models.Model):
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
+    objects = AuditLogQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["org", "created_at"], name="audit_org_created")]
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type}:{self.target_id}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditLogImmutable("Audit entries are append-only: they cannot be changed.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AuditLogImmutable("Audit entries are append-only: they cannot be deleted.")
 
 
 class ConfigRevision(models.Model):

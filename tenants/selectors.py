@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 from tenants.contracts import BudgetSpec, KeyContext, ScopeLimits
+from tenants.ip_allowlist import ip_allowlist_compile
 from tenants.models import Budget, Membership, Organization, VirtualKey
 
 # A key without a model allowlist: one shared empty set.
@@ -93,7 +94,7 @@ def virtual_key_contexts() -> list[KeyContext]:
         "id", "prefix", "secret_hash", "name", "org_id", "org__slug", "team_id",
         "allowed_models", "expires_at", "rpm_limit", "tpm_limit", "team__name",
         "team__rpm_limit", "team__tpm_limit", "org__rpm_limit", "org__tpm_limit",
-        "org__log_request_bodies",
+        "org__log_request_bodies", "allowed_ips",
     )  # fmt: skip
     budgets = _budget_specs()
     shared_limits: dict[tuple[str, int], ScopeLimits] = {}
@@ -114,7 +115,7 @@ def virtual_key_contexts() -> list[KeyContext]:
     contexts = []
     for (key_id, prefix, secret_hash, name, org_id, org_slug, team_id, allowed_models,
          expires_at, key_rpm, key_tpm, team_name, team_rpm, team_tpm, org_rpm,
-         org_tpm, log_request_bodies) in rows.iterator(chunk_size=2000):  # fmt: skip
+         org_tpm, log_request_bodies, allowed_ips) in rows.iterator(chunk_size=2000):  # fmt: skip
         org_slug = org_slugs.setdefault(org_slug, org_slug)
         scopes = [
             ScopeLimits("key", key_id, f"key '{one_line(name)}' ({prefix})", key_rpm, key_tpm),
@@ -143,6 +144,7 @@ def virtual_key_contexts() -> list[KeyContext]:
                 limits=tuple(s for s in scopes if s.rpm is not None or s.tpm is not None),
                 budgets=shared + tuple(own_budgets) if own_budgets else shared,
                 log_request_bodies=log_request_bodies,
+                ip_allowlist=ip_allowlist_compile(allowed_ips) if allowed_ips else None,
             )
         )
     return contexts

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.utils import timezone
 
+from tenants.ip_allowlist import ip_allowlist_normalise
 from tenants.keys import generate_key
 from tenants.models import AuditLog, Budget, Membership, Organization, Team, VirtualKey
 
@@ -193,12 +194,15 @@ def virtual_key_issue(
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
     monthly_budget_nanos: int | None = None,
+    allowed_ips: Sequence[str] = (),
 ) -> IssuedKey:
     """Create an active key; the plaintext is returned here and nowhere else.
 
     With `monthly_budget_nanos`, the key gets a hard monthly budget of its own in the
-    same transaction, so it is never usable without it.
+    same transaction, so it is never usable without it. `allowed_ips` (CIDRs) limits
+    where it may be used from; empty: anywhere.
     """
+    ips = _allowed_ips(allowed_ips)
     generated = generate_key()
     key = VirtualKey(
         org=org,
@@ -208,6 +212,7 @@ def virtual_key_issue(
         prefix=generated.prefix,
         secret_hash=generated.secret_hash,
         allowed_models=sorted(set(allowed_models)),
+        allowed_ips=ips,
         expires_at=expires_at,
         metadata=metadata or {},
         rpm_limit=rpm_limit,
@@ -225,6 +230,7 @@ def virtual_key_issue(
             "prefix": key.prefix,
             "team": team.slug if team else None,
             "allowed_models": key.allowed_models,
+            "allowed_ips": key.allowed_ips,
             "expires_at": expires_at.isoformat() if expires_at else None,
             "rpm_limit": rpm_limit,
             "tpm_limit": tpm_limit,
@@ -306,7 +312,7 @@ def budget_create(
 
 
 # The settings an edit may change, as audit entries show them (never the hash).
-_KEY_EDITABLE = ("name", "allowed_models", "rpm_limit", "tpm_limit", "expires_at")
+_KEY_EDITABLE = ("name", "allowed_models", "allowed_ips", "rpm_limit", "tpm_limit", "expires_at")
 _BUDGET_EDITABLE = ("period", "limit_nanos", "enforcement", "soft_thresholds")
 
 
@@ -327,6 +333,16 @@ def _changes(
     return {n: before.get(n) for n in changed}, {n: after[n] for n in changed}
 
 
+def _allowed_ips(values: Sequence[str]) -> list[str]:
+    """The networks as stored (canonical CIDRs); ValidationError on `allowed_ips` otherwise."""
+    if isinstance(values, str):
+        raise ValidationError({"allowed_ips": "Give a list of IP addresses or networks."})
+    try:
+        return ip_allowlist_normalise(values)
+    except ValueError as exc:
+        raise ValidationError({"allowed_ips": str(exc)}) from None
+
+
 def _locked_key(key: VirtualKey) -> VirtualKey:
     """The key re-read under a row lock; a revoked key cannot change any more."""
     key = VirtualKey.objects.select_for_update().select_related("org").get(pk=key.pk)
@@ -345,12 +361,17 @@ def virtual_key_update(
     rpm_limit: int | None,
     tpm_limit: int | None,
     expires_at: datetime | None,
+    allowed_ips: Sequence[str] | None = None,
 ) -> VirtualKey:
-    """Change a key's name, allowed models, rate limits and expiry; its secret stays."""
+    """Change a key's name, allowed models, rate limits, expiry and (unless None) IP
+    allowlist; its secret stays."""
+    ips = None if allowed_ips is None else _allowed_ips(allowed_ips)
     key = _locked_key(key)
     before = _audit_values(key, _KEY_EDITABLE)
     key.name = name
     key.allowed_models = sorted(set(allowed_models))
+    if ips is not None:
+        key.allowed_ips = ips
     key.rpm_limit = rpm_limit
     key.tpm_limit = tpm_limit
     key.expires_at = expires_at

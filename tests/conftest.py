@@ -14,7 +14,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.management.base import CommandError
-from django.test import TransactionTestCase
+from django.test import TransactionTestCase, override_settings
 
 from billing.models import ModelPrice
 from routing.models import Deployment, Provider, Route
@@ -68,6 +68,16 @@ def flush_survives_deadlocks() -> Iterator[None]:
     TransactionTestCase._fixture_teardown = teardown_retrying  # type: ignore[method-assign]
     yield
     TransactionTestCase._fixture_teardown = original  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plain_http_test_client() -> Iterator[None]:
+    """The in-process test client speaks plain HTTP from made-up network addresses: with
+    DEBUG off they would be redirected to https (gatewaysite/security.py, tested with a
+    live server in tests/gatewaysite/test_deploy_check.py). Live servers are reached on
+    loopback, which is never redirected."""
+    with override_settings(TOLLGATE_SSL_REDIRECT=False):
+        yield
 
 
 @pytest.fixture(scope="session")

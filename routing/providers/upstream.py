@@ -15,6 +15,7 @@ from billing.contracts import TokenUsage
 from routing.contracts import DeploymentSpec
 from routing.errors import (
     GatewayError,
+    UpstreamAddressForbidden,
     UpstreamError,
     UpstreamMalformed,
     UpstreamRateLimited,
@@ -24,12 +25,46 @@ from routing.errors import (
     UpstreamUnreachable,
 )
 from routing.providers.base import ProviderAdapter, UpstreamStream
+from routing.providers.egress import (
+    AddressForbidden,
+    GuardedResolver,
+    egress_policy,
+    guarded_socket_factory,
+)
 from routing.proxy.tracing import current_trace
 
 # Error bodies are read for a message only; anything longer is cut.
 _ERROR_BODY_LIMIT = 64 * 1024
 _MESSAGE_LIMIT = 500
 _RETRY_AFTER_LIMIT_S = 3600
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """The process's one pooled session for provider calls.
+
+    Every new connection is judged by the operator's egress policy on the address it
+    actually goes to (routing/providers/egress.py); a pooled one is not judged again.
+    Proxies from the environment (HTTP_PROXY...) are never used: a proxy would resolve
+    and connect on our behalf, out of the policy's sight.
+    """
+    policy = egress_policy()
+    connector = aiohttp.TCPConnector(
+        limit=settings.TOLLGATE_UPSTREAM_MAX_CONNECTIONS,
+        limit_per_host=0,
+        ttl_dns_cache=300,  # only permitted addresses are cached
+        keepalive_timeout=60,
+        resolver=GuardedResolver(policy),
+        socket_factory=guarded_socket_factory(policy),
+    )
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
+
+
+def _address_forbidden() -> UpstreamAddressForbidden:
+    # Which address stays unsaid: it would map our network for the tenant.
+    return UpstreamAddressForbidden(
+        "The upstream provider's address is on a network the gateway may not connect to; "
+        "ask the gateway's operator to allow it."
+    )
 
 
 @contextlib.contextmanager
@@ -39,8 +74,14 @@ def client_errors_mapped() -> Iterator[None]:
         yield
     except TimeoutError:
         raise UpstreamTimeout("The upstream provider did not answer in time.") from None
-    except aiohttp.ClientConnectorError:
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, AddressForbidden):
+            raise _address_forbidden() from None
         raise UpstreamUnreachable("The upstream provider could not be reached.") from None
+    except aiohttp.InvalidURL:
+        # aiohttp refuses legacy numeric IPv4 hosts (http://2130706433/ is 127.0.0.1)
+        # rather than let them slip past an address check: refused like one.
+        raise _address_forbidden() from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
         raise UpstreamUnreachable("The connection to the upstream provider was lost.") from None
     except aiohttp.ClientError:
@@ -66,8 +107,15 @@ def _retry_after(value: str | None) -> dict[str, str]:
 async def raise_for_upstream_status(response: aiohttp.ClientResponse) -> None:
     """Raise the UpstreamError that tells the client what happened, if status is not 2xx."""
     status = response.status
-    if status < 400:
+    if status < 300:
         return
+    if status < 400:
+        # Never followed: the provider could send the gateway anywhere (our network).
+        raise UpstreamError(
+            f"The upstream provider answered with a redirect (HTTP {status}), "
+            "which the gateway does not follow.",
+            code="upstream_redirect",
+        )
     with client_errors_mapped():
         body = await response.content.read(_ERROR_BODY_LIMIT)
     message = _upstream_message(body)

@@ -30,6 +30,7 @@ from routing.health_board import post_local, post_shared
 from routing.health_sync import SharedHealth
 from routing.providers import adapters_for
 from routing.providers.base import ProviderAdapter
+from routing.providers.upstream import upstream_session
 from routing.proxy.limits import limits_cache_clear
 from routing.selectors import config_snapshot_load
 from routing.snapshot import EMPTY_SNAPSHOT, ConfigSnapshot
@@ -128,14 +129,7 @@ class ProxyRuntime:
     async def start(self) -> None:
         """Load configuration, open the upstream pool, start background loops."""
         self.snapshot = await self.run_in_database_thread(config_snapshot_load)
-        connector = aiohttp.TCPConnector(
-            limit=settings.TOLLGATE_UPSTREAM_MAX_CONNECTIONS,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=60,
-        )
-        # trust_env=False: tenant traffic must never pick up a proxy from the environment.
-        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self._session = upstream_session()
         self.adapters = adapters_for(self._session)
         self._tasks = [
             asyncio.create_task(self._follow_configuration(), name="tollgate-config"),

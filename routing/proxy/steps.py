@@ -43,7 +43,8 @@ def presented_key(request: ProxyRequest) -> str | None:
 
 
 def authenticate(request: ProxyRequest, snapshot: ConfigSnapshot) -> KeyContext:
-    """The active key the request presents; 401 otherwise, without saying why it is unknown."""
+    """The active key the request presents; 401 otherwise, without saying why it is unknown,
+    and 403 when the key's IP allowlist does not hold the client's address."""
     presented = presented_key(request)
     if presented is None:
         raise AuthenticationFailed(
@@ -55,6 +56,11 @@ def authenticate(request: ProxyRequest, snapshot: ConfigSnapshot) -> KeyContext:
         raise AuthenticationFailed("Incorrect API key provided.")
     if key.is_expired(request.started_at):
         raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+    # Keys without an allowlist (most) pay one attribute read.
+    if key.ip_allowlist is not None and not key.ip_allowlist.permits(request.client_host):
+        raise PermissionDenied(
+            "This API key may not be used from your IP address.", code="ip_not_allowed"
+        )
     return key
 
 

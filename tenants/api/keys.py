@@ -20,6 +20,7 @@ from rest_framework.response import Response
 
 from tenants.api.base import IF_MATCH, Conflict, ManagementAPIView
 from tenants.api.fields import RATE_LIMIT, IdFilter
+from tenants.ip_allowlist import MAX_ALLOWED_IPS, ip_allowlist_normalise
 from tenants.models import Team, VirtualKey
 from tenants.services import (
     virtual_key_issue,
@@ -48,14 +49,20 @@ class VirtualKeySerializer(serializers.ModelSerializer[VirtualKey]):
         read_only=True,
         help_text="Public model names the key may call; empty: every model of the org.",
     )
+    allowed_ips = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="Client networks (CIDRs) the key may be used from; empty: anywhere.",
+    )
     metadata = serializers.DictField(read_only=True)
     status = serializers.SerializerMethodField()
 
     class Meta:
         model = VirtualKey
         fields = [
-            "id", "name", "prefix", "team", "status", "allowed_models", "rpm_limit", "tpm_limit",
-            "expires_at", "revoked_at", "last_used_at", "metadata", "created_at", "updated_at",
+            "id", "name", "prefix", "team", "status", "allowed_models", "allowed_ips",
+            "rpm_limit", "tpm_limit", "expires_at", "revoked_at", "last_used_at", "metadata",
+            "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -133,11 +140,24 @@ class KeySettingsSerializer(serializers.Serializer[Any]):
         required=False,
         help_text="Public model names the key may call; empty: every model of the org.",
     )
+    allowed_ips = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        max_length=MAX_ALLOWED_IPS,
+        required=False,
+        help_text="Client IP addresses or networks (CIDRs, IPv4 or IPv6, e.g. "
+        "203.0.113.0/24) the key may be used from; empty: anywhere. Stored normalised.",
+    )
     rpm_limit = serializers.IntegerField(**RATE_LIMIT)
     tpm_limit = serializers.IntegerField(**RATE_LIMIT)
     expires_at = serializers.DateTimeField(
         required=False, allow_null=True, help_text="In the future; null: never expires."
     )
+
+    def validate_allowed_ips(self, value: list[str]) -> list[str]:
+        try:
+            return ip_allowlist_normalise(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
 
     def validate_expires_at(self, value: Any) -> Any:
         if value is not None and value <= timezone.now():
@@ -250,7 +270,7 @@ class KeyDetailView(KeyView):
         return self.with_etag(Response(VirtualKeySerializer(key).data), key)
 
     @extend_schema(
-        summary="Change a key's name, allowed models, rate limits or expiry",
+        summary="Change a key's name, allowed models, IP allowlist, rate limits or expiry",
         parameters=[IF_MATCH],
         request=KeyUpdateSerializer,
         responses=VirtualKeySerializer,
@@ -262,8 +282,8 @@ class KeyDetailView(KeyView):
             key = self.unrevoked_locked_object()
             changes = {
                 "name": key.name, "allowed_models": key.allowed_models,
-                "rpm_limit": key.rpm_limit, "tpm_limit": key.tpm_limit,
-                "expires_at": key.expires_at, **given.validated_data,
+                "allowed_ips": key.allowed_ips, "rpm_limit": key.rpm_limit,
+                "tpm_limit": key.tpm_limit, "expires_at": key.expires_at, **given.validated_data,
             }  # fmt: skip
             key = virtual_key_update(key=key, actor=self.caller.actor, **changes)
         return self.with_etag(Response(VirtualKeySerializer(key).data), key)

@@ -29,6 +29,9 @@ ALERTS_ENV = {
     "TOLLGATE_ALERT_CHECK_SECONDS": "1",
     "TOLLGATE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
 }
+# The mock provider listens on loopback, which the gateway refuses to call (server-side
+# request forgery, routing/providers/egress.py) unless the operator allows it.
+LOOPBACK_PROVIDERS_ENV = {"TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS": "true"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
         "TOLLGATE_LATENCY_HALF_LIFE_SECONDS": "2",
         # The embedded default checks budget alerts itself; receivers run on loopback.
         **ALERTS_ENV,
+        **LOOPBACK_PROVIDERS_ENV,
         **extra_env,
     }
     args = [

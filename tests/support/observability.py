@@ -16,7 +16,7 @@ import orjson
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import ALERTS_ENV, GatewayServer, database_env
+from tests.support.gateway import ALERTS_ENV, LOOPBACK_PROVIDERS_ENV, GatewayServer, database_env
 from tests.support.processes import REPO_ROOT, free_port, stop_group
 
 # Distinctive, so a test can tell that no prompt reached a log.
@@ -73,6 +73,7 @@ def _gateway_env(**extra_env: str) -> dict[str, str]:
         "TOLLGATE_CONFIG_POLL_SECONDS": "0.05",
         "TOLLGATE_USAGE_FLUSH_SECONDS": "0.05",
         **ALERTS_ENV,
+        **LOOPBACK_PROVIDERS_ENV,
         **extra_env,
     }
 

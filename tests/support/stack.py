@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.gateway import GatewayServer, database_env
+from tests.support.gateway import LOOPBACK_PROVIDERS_ENV, GatewayServer, database_env
 from tests.support.processes import REPO_ROOT, free_port, running_process
 
 
@@ -26,6 +26,7 @@ def production_stack(var_dir: Path, **extra_env: str) -> Iterator[GatewayServer]
         "TOLLGATE_VAR_DIR": str(var_dir),
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        **LOOPBACK_PROVIDERS_ENV,
         **extra_env,
     }
     base_url = f"http://127.0.0.1:{port}"

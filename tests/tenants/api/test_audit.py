@@ -1,6 +1,7 @@
 """The audit log over the management API: read-only, org-scoped, filtered, newest first."""
 
 from datetime import UTC, datetime
+from unittest import mock
 
 import pytest
 
@@ -21,14 +22,19 @@ def at(day: int) -> datetime:
 def history(org) -> dict[str, AuditLog]:
     """Three changes on three days by a user, a tool and a token, plus another org's."""
     ann = UserFactory(username="ann.lee")
-    team = team_create(org=org, slug="search", name="Search", actor=Actor(user=ann))
-    key = virtual_key_issue(org=org, name="k", actor=Actor(label="cli", ip_address="10.0.0.7")).key
-    virtual_key_revoke(key=key, actor=Actor(label="api token tgm_Ab12Cd34"))
+    # Entries are append-only, so they are written on their days rather than back-dated.
+    created_at = AuditLog._meta.get_field("created_at")
+    with mock.patch.object(created_at, "_get_default", lambda: at(1)):
+        team = team_create(org=org, slug="search", name="Search", actor=Actor(user=ann))
+    with mock.patch.object(created_at, "_get_default", lambda: at(2)):
+        key = virtual_key_issue(
+            org=org, name="k", actor=Actor(label="cli", ip_address="10.0.0.7")
+        ).key
+    with mock.patch.object(created_at, "_get_default", lambda: at(3)):
+        virtual_key_revoke(key=key, actor=Actor(label="api token tgm_Ab12Cd34"))
     virtual_key_issue(org=OrganizationFactory(), name="theirs", actor=TEST_ACTOR)
     entries = {entry.action: entry for entry in AuditLog.objects.filter(org=org)}
-    for day, action in enumerate(["team.create", "virtual_key.issue", "virtual_key.revoke"], 1):
-        AuditLog.objects.filter(pk=entries[action].pk).update(created_at=at(day))
-    assert team.pk
+    assert team.pk and entries["virtual_key.issue"].created_at == at(2)
     return entries
 
 
