@@ -99,7 +99,9 @@ def test_make_run_serves_the_printed_openai_example(tmp_path: Path) -> None:
 
         from tests.support.gateway import wait_until
 
-        wait_until(lambda: todays_events() >= 4, what="four usage events")
+        # Written in batches; on a loaded machine this took over 10 s (the startup jobs,
+        # e.g. rollups of the demo month, share SQLite's one writer with them).
+        wait_until(lambda: todays_events() >= 4, timeout_s=30, what="four usage events")
 
         # The dashboard shows them to the admin.
         with httpx.Client(base_url=base, follow_redirects=True) as browser:
