@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from billing.budget_counters import (
@@ -435,7 +436,18 @@ async def admit(
         result = await counters.reserve(request_id, lines, amount_nanos, ttl_s, charges)
         if result.status is ReserveStatus.MISSING:
             # First request of a period, or Redis lost its data: start from the ledger.
-            await seed_once(counters, result.missing)
+            try:
+                await seed_once(counters, result.missing)
+            except DatabaseError as exc:
+                # The ledger is out of reach (PostgreSQL restarting): nothing to start from.
+                if fail_open:
+                    logger.error("Budget counters unseeded (%s): admitting unmetered", exc)
+                    return None
+                logger.error("Budget counters cannot be seeded from the ledger (%s)", exc)
+                raise LimitsUnavailable(
+                    "Budgets cannot be checked right now; retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from exc
             result = await counters.reserve(request_id, lines, amount_nanos, ttl_s, charges)
     except (RedisError, OSError) as exc:
         reserves_to_void.add(counters, request_id, lines, charges, ttl_s)
