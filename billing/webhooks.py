@@ -69,22 +69,28 @@ def webhook_signature_verify(
     return any(matches)
 
 
-def host_is_private(host: str) -> bool:
-    """Whether `host` is, or resolves now to, an address of our own network (loopback,
-    private, link-local, reserved, "localhost"). A name that does not resolve yet cannot
-    be judged and counts as public: the call to it will fail, or be checked again then."""
-    host = host.rstrip(".")
+def host_addresses(host: str) -> set[str] | None:
+    """The addresses `host` is, or resolves to now ("localhost" and its subdomains: the
+    loopback ones); None for a name that does not resolve (yet). It blocks (getaddrinfo)."""
+    host = host.rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
-        return True
+        return {"127.0.0.1", "::1"}
     try:
-        addresses = {str(ipaddress.ip_address(host))}
+        return {str(ipaddress.ip_address(host))}
     except ValueError:
         try:
             infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError, ValueError):
-            return False
-        addresses = {str(info[4][0]) for info in infos}
-    return not all(address_is_public(address) for address in addresses)
+            return None
+        return {str(info[4][0]) for info in infos}
+
+
+def host_is_private(host: str) -> bool:
+    """Whether `host` is, or resolves now to, an address of our own network (loopback,
+    private, link-local, reserved, "localhost"). A name that does not resolve yet cannot
+    be judged and counts as public: the call to it will fail, or be checked again then."""
+    addresses = host_addresses(host)
+    return addresses is not None and not all(address_is_public(a) for a in addresses)
 
 
 def address_is_public(address: str) -> bool:

@@ -35,7 +35,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from django.conf import settings
 
-from billing.webhooks import address_is_public
+from billing.webhooks import address_is_public, host_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ _METADATA = frozenset(
     ipaddress.ip_address(address)
     for address in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
 )
-_LOCALHOST = ("127.0.0.1", "::1")
 
 
 class AddressForbidden(OSError):
@@ -119,19 +118,8 @@ def host_permitted(host: str, policy: EgressPolicy) -> bool:
     For saving a base URL: it blocks (getaddrinfo). A name that does not resolve yet
     cannot be judged and passes: the connection to it is judged when it is made.
     """
-    host = host.rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        addresses: set[str] = set(_LOCALHOST)
-    else:
-        try:
-            addresses = {str(ipaddress.ip_address(host))}
-        except ValueError:
-            try:
-                infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError, ValueError):
-                return True
-            addresses = {str(info[4][0]) for info in infos}
-    return all(policy.permits(address) for address in addresses)
+    addresses = host_addresses(host)
+    return addresses is None or all(policy.permits(address) for address in addresses)
 
 
 class GuardedResolver(AbstractResolver):

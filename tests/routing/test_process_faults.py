@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,17 +60,15 @@ from tests.support.gateway import (
     wait_for_config,
     wait_until,
 )
+from tests.support.halves import needs_redis_server, production_half_only
 from tests.support.private_redis import PrivateRedis, private_redis
 from tests.support.processes import REPO_ROOT, free_port, running_process
 from tests.support.tcp_relay import TcpRelay, relay_to_test_database, relayed_database_url
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        not settings.REDIS_URL or connection.vendor != "postgresql",
-        reason="the PostgreSQL + Redis half: the production-like stack loses its processes",
-    ),
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    production_half_only,  # the production-like stack loses its processes
+    needs_redis_server,
 ]
 
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -10,7 +10,6 @@ the budget counter, rebuilt from the ledger, equals the ledger. docs/reliability
 tables it.
 """
 
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +20,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from django.conf import settings
-from django.db import connection
 from openai import OpenAI
 
 from billing.models import UsageEvent
@@ -36,15 +33,13 @@ from tests.support.gateway import (
     wait_for_key,
     wait_until,
 )
+from tests.support.halves import needs_redis_server, production_half_only
 from tests.support.private_redis import PrivateRedis, private_redis, usage_ingestion_at
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        not settings.REDIS_URL or connection.vendor != "postgresql",
-        reason="the PostgreSQL + Redis half: the production-like stack loses its Redis",
-    ),
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    production_half_only,  # the production-like stack loses its Redis
+    needs_redis_server,
 ]
 
 HELLO = [{"role": "user", "content": "Hello"}]
