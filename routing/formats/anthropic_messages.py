@@ -22,6 +22,15 @@ _STOP_REASONS = {
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
+
+
+def _stop_reason(finish_reason: object) -> str:
+    """Anthropic's stop reason for an OpenAI `finish_reason` (anything odd: end_turn)."""
+    if not isinstance(finish_reason, str):
+        return "end_turn"
+    return _STOP_REASONS.get(finish_reason, "end_turn")
+
+
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
@@ -244,7 +253,7 @@ def message_from_completion(body: bytes, usage: TokenUsage) -> bytes:
             "role": "assistant",
             "model": completion.get("model", ""),
             "content": content,
-            "stop_reason": _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
+            "stop_reason": _stop_reason(choice.get("finish_reason") or "stop"),
             "stop_sequence": None,
             "usage": _anthropic_usage(usage),
         }
@@ -330,7 +339,7 @@ class MessagesStreamTranslator:
                                    "partial_json": function["arguments"]}},
                     )  # fmt: skip
             if choice.get("finish_reason"):
-                self._stop_reason = _STOP_REASONS.get(choice["finish_reason"], "end_turn")
+                self._stop_reason = _stop_reason(choice["finish_reason"])
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Anthropic events for the complete OpenAI SSE events in `data`."""

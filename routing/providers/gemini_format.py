@@ -82,8 +82,8 @@ def _user_parts(content: object, where: str) -> list[dict[str, Any]]:
         elif kind == "image_url":
             parts.append(_inline_data(image_url(part), f"{part_where}.image_url.url"))
         elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
-            audio = part["input_audio"]
-            mime_type = _AUDIO_TYPES.get(audio.get("format"))
+            audio, audio_format = part["input_audio"], part["input_audio"].get("format")
+            mime_type = _AUDIO_TYPES.get(audio_format) if isinstance(audio_format, str) else None
             if mime_type is None or not isinstance(audio.get("data"), str):
                 raise invalid(
                     f"'{part_where}.input_audio' needs base64 wav or mp3 data.", part_where

@@ -41,6 +41,7 @@ from routing.proxy.steps import (
     apply_param_policy,
     authenticate,
     end_user_of,
+    model_name_storable,
     parse_attribution,
     parse_chat_request,
     parse_embeddings_request,
@@ -539,7 +540,8 @@ async def list_models(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
 async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: str) -> Response:
     """GET /v1/models/{model}: 404 unless this key may call it."""
     snapshot, key, meter = _authenticated(request, runtime, "models")
-    meter.model = model
+    # From the URL: a name the ledger cannot store is recorded without it.
+    meter.model = model if model_name_storable(model) else ""
     plan = snapshot.route_for(org_id=key.org_id, model=model)
     if plan is None or not key.may_use(model):
         exc = NotFound(

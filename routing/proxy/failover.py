@@ -288,9 +288,11 @@ async def serve_with_failover(
         try:
             result = await attempt(deployment, adapter)
         except UpstreamError as exc:
-            health.record_failure(deployment.deployment_id, time.monotonic())
             if not exc.retryable:
+                # The provider refused this request (4xx): the request is at fault, not the
+                # deployment; counting it would let any client open the circuit for all.
                 raise
+            health.record_failure(deployment.deployment_id, time.monotonic())
             last_error = exc
             if on_attempt_failed is not None:
                 on_attempt_failed(exc)
