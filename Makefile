@@ -14,7 +14,7 @@ TEST_SECRETS := SECRET_KEY=tollgate-test-secret-key-0123456789abcdefghijklmnopqr
 	TOLLGATE_ENCRYPTION_KEYS=dGVzdC1vbmx5LWZlcm5ldC1rZXktMDEyMzQ1Njc4OWE= \
 	ALLOWED_HOSTS=127.0.0.1,localhost,testserver
 
-.PHONY: install run stack mock test lint test-postgres test-embedded browser nginx bench bench-dashboard clean
+.PHONY: install run stack mock test lint test-postgres test-embedded browser nginx faketime bench bench-dashboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ stack: install
 mock: install
 	$(PY) -m routing.mockprovider --host 127.0.0.1 --port $(MOCK_PORT)
 
-test: install browser nginx lint test-postgres test-embedded
+test: install browser nginx faketime lint test-postgres test-embedded
 
 # The dashboard's browser tests drive Debian's Chromium (Playwright's own download
 # cannot run here); install it once if it is missing.
@@ -48,6 +48,12 @@ nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "Installing nginx-light for the reverse-proxy test"; \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+
+# The clock-skew tests run gateways under libfaketime (they skip without it).
+faketime:
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { echo "Installing libfaketime for the clock-skew tests"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .

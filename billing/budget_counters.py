@@ -327,12 +327,19 @@ class RedisBudgetCounters(BudgetCounters):
     expiring KEY_GRACE_S after the period ends (never for lifetime);
     `tollgate:budget:settle:{request_id}`, which remembers a settle for
     SETTLE_MEMORY_S; `tollgate:rate:{bucket}`, dropped once the bucket is full
-    again. Hold deadlines, bucket refills and key TTLs are measured on `clock`.
+    again.
+
+    Hold deadlines and bucket refills are compared across replicas, so by default
+    they are measured on Redis's clock (TIME, inside the script): one clock for the
+    fleet, whatever each host's says. A `clock` given (tests) replaces it. Key TTLs
+    are relative, measured here (a skewed host shifts them by its skew, well inside
+    KEY_GRACE_S). Which *period* a request counts in is the caller's choice (its
+    `started_at`, the instant its usage event carries), so counter and ledger agree.
     """
 
     def __init__(
         self, client: ScriptClient, *, settle_client: ScriptClient | None = None,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
     ) -> None:  # fmt: skip
         self._client = client
         # Settles nobody waits on may go through a client that batches them.
@@ -349,9 +356,13 @@ class RedisBudgetCounters(BudgetCounters):
         hold_ttl_s: float = 0,
         buckets: Sequence[RateCharge] = (),
     ) -> list[int]:
-        now = self._clock()
+        clock = self._clock
+        now = time.time() if clock is None else clock()
         keys = [f"tollgate:budget:settle:{request_id}"]
-        args: list[str | int | float] = [op, request_id, now, len(lines), nanos, hold_ttl_s]
+        # An empty `now` has the script read Redis's clock.
+        args: list[str | int | float] = [
+            op, request_id, "" if clock is None else now, len(lines), nanos, hold_ttl_s,
+        ]  # fmt: skip
         args += [SETTLE_MEMORY_S, len(buckets)]
         for line in lines:
             keys += line.redis_keys

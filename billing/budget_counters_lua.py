@@ -1,7 +1,8 @@
 """The Lua script behind `RedisBudgetCounters` (see billing/budget_counters.py).
 
-Holds expire when `now` (the caller's clock) reaches their deadline; each
-operation first releases up to 100 expired holds on every line it touches.
+Holds expire when `now` reaches their deadline; each operation first releases up
+to 100 expired holds on every line it touches. `now` is Redis's clock (TIME) unless
+the caller passes its own (tests do, to move time).
 Numbers are Lua doubles: exact below 2**53, which the Python side enforces.
 Rate buckets hold a fractional level; replies carry it in thousandths, because
 Redis truncates Lua numbers to integers.
@@ -11,12 +12,19 @@ Redis truncates Lua numbers to integers.
 # KEYS: [1] the request's settle marker, then per line: settled, reserved,
 #       holds (zset request -> deadline), amounts (hash request -> nanos), refused
 #       (set when a request was refused), then per rate bucket its hash (level, ts).
-# ARGV: op, request id, now (s), line count, nanos, hold ttl (s), settle memory (s),
-#       bucket count, then per line: limit, hard (1/0), key ttl in ms (0: forever),
-#       then per bucket: capacity, refill per second, amount (reserve: to take;
+# ARGV: op, request id, now (s; empty: Redis's TIME), line count, nanos, hold ttl (s),
+#       settle memory (s), bucket count, then per line: limit, hard (1/0), key ttl in
+#       ms (0: forever), then per bucket: capacity, refill per second, amount (reserve: to take;
 #       settle: to give back, negative to take more).
 BUDGET_COUNTERS_LUA = """
 local op, rid, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if not now then
+  -- No caller clock (the proxy's case): Redis's own, the one clock every replica
+  -- shares, so a replica whose clock is off cannot expire another's holds early or
+  -- see a bucket refilled by its skew.
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local nanos, m = tonumber(ARGV[5]), tonumber(ARGV[8])
 
 local function keys(i)
