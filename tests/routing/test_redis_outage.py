@@ -202,7 +202,8 @@ def test_redis_hung_fails_budgeted_requests_within_the_timeout_and_loses_nothing
 
         stack.wait_for_every_event()
         assert stack.ask(stack.budgeted)[:2] == (200, "")
-        # Spend is exact; what is held is not (see the xfail below).
+        # Spend is exact; the refused requests' holds are voided in the background (the
+        # next test waits for that).
         stack.assert_budget_equals_ledger(nothing_held=False)
 
 
