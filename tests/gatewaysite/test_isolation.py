@@ -481,6 +481,12 @@ class Findings:
         found = [marker for marker in leaks(body_of(response), world) if marker not in what]
         self.check(not found, f"{what}: shows {found}")
 
+    def unchanged(self, world: OrgWorld, before: dict[str, Any], what: str) -> None:
+        """`world`'s rows are as they were `before`; else name the tables that changed."""
+        after = org_state(world)
+        changed = sorted(table for table in after if after[table] != before.get(table))
+        self.check(not changed, f"{what}: changed {world.org.slug}'s rows in {changed}")
+
     def assert_none(self) -> None:
         shown = self.problems[:80]
         more = len(self.problems) - len(shown)
@@ -659,7 +665,7 @@ def test_another_orgs_object_is_a_404_on_every_dashboard_url(
                     found.no_leak(response, b, what)
                 same = send(client, method, with_query(missing, {"org": a.org.slug}))
                 found.status(same, expected, f"{role} {method} {missing} (no such object)")
-        found.check(org_state(b) == before, f"{route}: changed B's rows")
+        found.unchanged(b, before, route)
     # Controls: A's owner on A's own object is not refused, so B's 404 is the org scope.
     owner = clients[Role.OWNER]
     for route, case in sorted(cases.items(), key=control_order):
@@ -713,7 +719,7 @@ def test_every_dashboard_page_shows_only_the_viewers_org(orgs: tuple[OrgWorld, O
                         case.shows.encode() in body_of(response),
                         f"{what}: does not show {case.shows!r}",
                     )
-        found.check(org_state(b) == before, f"{route}: changed B's rows")
+        found.unchanged(b, before, route)
     assert len(cases) >= 15
     found.assert_none()
 
@@ -757,7 +763,7 @@ def test_another_orgs_object_is_a_404_on_every_api_url(orgs: tuple[OrgWorld, Org
         )
         if own.status_code == 200:
             found.status(admin.get(theirs), 404, f"admin token GET {theirs}")
-        found.check(org_state(b) == before, f"{route}: changed B's rows")
+        found.unchanged(b, before, route)
     assert len(cases) >= 15
     found.assert_none()
 
@@ -824,7 +830,7 @@ def test_the_admin_site_is_closed_to_every_org_role(orgs: tuple[OrgWorld, OrgWor
                 )
                 found.no_leak(response, b, what)
     assert len(patterns) > 50
-    found.check(org_state(b) == before, "the admin: changed B's rows")
+    found.unchanged(b, before, "the admin")
     found.assert_none()
 
 
@@ -867,8 +873,8 @@ def test_a_body_naming_another_orgs_object_is_refused(orgs: tuple[OrgWorld, OrgW
         else:  # the form comes back with an error (or a redirect with an error message)
             found.check(refused.status_code in (200, 302, 400), f"{what}: {refused.status_code}")
         found.no_leak(refused, b, what)
-        found.check(org_state(a) == before_a, f"{what}: changed A's rows")
-        found.check(org_state(b) == before_b, f"{what}: changed B's rows")
+        found.unchanged(a, before_a, what)
+        found.unchanged(b, before_b, what)
         accepted = submit(client, reference, url, reference.body(a, a))
         found.check(org_state(a) != before_a and accepted.status_code < 400,
                     f"control {name} naming A's own: {accepted.status_code} "
