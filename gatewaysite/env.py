@@ -1,5 +1,6 @@
 """Small typed readers for environment variables (settings are 12-factor)."""
 
+import ipaddress
 import os
 from decimal import Decimal, InvalidOperation
 
@@ -61,6 +62,19 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     if raw is None:
         return list(default or [])
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_networks(name: str, default: list[str] | None = None) -> list[str]:
+    """A comma-separated list of networks (CIDRs or addresses), each checked to be one."""
+    networks = env_list(name, default)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name}: {network!r} is not a network (e.g. 10.0.0.0/8)."
+            ) from None
+    return networks
 
 
 def env_decimal(name: str, default: str, *, minimum: str = "0") -> Decimal:

@@ -8,14 +8,13 @@ switches the same code to PostgreSQL and Redis.
 import base64
 import binascii
 import hashlib
-import ipaddress
 from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
-from gatewaysite.env import env_bool, env_float, env_int, env_list, env_str
+from gatewaysite.env import env_bool, env_float, env_int, env_list, env_networks, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TOLLGATE_VAR_DIR", str(BASE_DIR / "var")))
@@ -353,14 +352,7 @@ TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS = env_bool(
 # Or only these networks (CIDRs, comma-separated: "10.0.0.12/32,fd12::/64"). Both are
 # checked when a base URL is saved and on the address of every upstream connection
 # (routing/providers/egress.py); metadata services (169.254.169.254...) only when listed.
-TOLLGATE_PROVIDER_ALLOWED_NETWORKS = env_list("TOLLGATE_PROVIDER_ALLOWED_NETWORKS")
-for _network in TOLLGATE_PROVIDER_ALLOWED_NETWORKS:
-    try:
-        ipaddress.ip_network(_network, strict=False)
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"TOLLGATE_PROVIDER_ALLOWED_NETWORKS: {_network!r} is not a network (e.g. 10.0.0.0/8)."
-        ) from None
+TOLLGATE_PROVIDER_ALLOWED_NETWORKS = env_networks("TOLLGATE_PROVIDER_ALLOWED_NETWORKS")
 # How often each process checks whether keys, routes or prices changed.
 TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, minimum=0.01)
 # Usage events are written in batches off the request path.
@@ -504,16 +496,9 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = LOG_FORMAT != "json"
 TOLLGATE_METRICS_TOKEN = env_str("TOLLGATE_METRICS_TOKEN")
 if TOLLGATE_METRICS_TOKEN and len(TOLLGATE_METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("TOLLGATE_METRICS_TOKEN must be at least 16 characters long.")
-TOLLGATE_METRICS_ALLOW_NETWORKS = env_list(
+TOLLGATE_METRICS_ALLOW_NETWORKS = env_networks(
     "TOLLGATE_METRICS_ALLOW_NETWORKS", ["127.0.0.0/8", "::1/128"]
 )
-for _network in TOLLGATE_METRICS_ALLOW_NETWORKS:
-    try:
-        ipaddress.ip_network(_network, strict=False)
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"TOLLGATE_METRICS_ALLOW_NETWORKS: {_network!r} is not a network (e.g. 10.0.0.0/8)."
-        ) from None
 # With several web workers, each writes its counters here every FLUSH_SECONDS and a
 # scrape sums them (bin/run-process web sets and clears it). Unset: one process's own.
 TOLLGATE_METRICS_DIR = env_str("TOLLGATE_METRICS_DIR")
