@@ -23,6 +23,7 @@ from tenants.services import budget_create
 from tests.conftest import TEST_ACTOR, IssueKey, MakeRoute
 from tests.support.gateway import (
     GatewayServer,
+    chat_burst,
     gateway_server,
     wait_for_events,
     wait_for_key,
@@ -55,29 +56,9 @@ def key_info(gateway: GatewayServer, key: str) -> dict:
     return response.json()
 
 
-async def fire(bases: list[str], key: str, count: int) -> list[str]:
-    """`count` concurrent chat requests spread over the gateways: "ok" or the error code."""
-    clients = [openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0) for base in bases]
-
-    async def one(index: int) -> str:
-        try:
-            await clients[index % len(clients)].chat.completions.create(
-                model="capped", messages=HELLO, max_tokens=OUTPUT
-            )
-        except openai.APIStatusError as exc:
-            return str(exc.code)
-        return "ok"
-
-    try:
-        return await asyncio.gather(*(one(index) for index in range(count)))
-    finally:
-        for client in clients:
-            await client.close()
-
-
 def check_concurrent_budget(bases: list[str], org: Organization, key: str) -> None:
     limit = 50 * ACTUAL_COST  # room for 50 requests at their actual cost, 48 at their maximum
-    outcomes = asyncio.run(fire(bases, key, 200))
+    outcomes = asyncio.run(chat_burst(bases, key, model="capped", max_tokens=OUTPUT, count=200))
     served = outcomes.count("ok")
     assert set(outcomes) == {"ok", "budget_exceeded"}, set(outcomes)
     # Never more than fits; never fewer than fit even at every request's maximum cost.

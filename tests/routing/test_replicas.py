@@ -40,6 +40,7 @@ from tests.factories import OrganizationFactory
 from tests.support.gateway import (
     TEST_BREAKER_FAILURES,
     GatewayServer,
+    chat_burst,
     gateway_server,
     wait_for_config,
     wait_for_key,
@@ -283,26 +284,6 @@ def test_a_configuration_change_reaches_every_replica_within_the_bound(
 # 2. Budgets and rate limits ----------------------------------------------------------------
 
 
-async def burst(replicas: list[GatewayServer], key: str, model: str, count: int) -> list[str]:
-    """`count` concurrent requests, round-robin over the replicas: "ok" or the error code."""
-    clients = [openai.AsyncOpenAI(base_url=r.v1, api_key=key, max_retries=0) for r in replicas]
-
-    async def one(index: int) -> str:
-        try:
-            await clients[index % len(clients)].chat.completions.create(
-                model=model, messages=HELLO, max_tokens=OUTPUT_TOKENS
-            )
-        except openai.APIStatusError as exc:
-            return str(exc.code)
-        return "ok"
-
-    try:
-        return await asyncio.gather(*(one(index) for index in range(count)))
-    finally:
-        for client in clients:
-            await client.close()
-
-
 def test_a_hard_budget_admits_exactly_what_fits_across_three_replicas(
     fleet: list[GatewayServer], make_route: MakeRoute, issue_key: IssueKey
 ) -> None:
@@ -313,7 +294,9 @@ def test_a_hard_budget_admits_exactly_what_fits_across_three_replicas(
     key = issue_key(org)
     accepted_everywhere(fleet, key, "budget")
 
-    outcomes = asyncio.run(burst(fleet, key, "budget", 120))
+    outcomes = asyncio.run(
+        chat_burst([r.v1 for r in fleet], key, model="budget", max_tokens=OUTPUT_TOKENS, count=120)
+    )
 
     assert outcomes.count("ok") == fits
     assert outcomes.count("budget_exceeded") == 120 - fits, set(outcomes)
@@ -340,7 +323,11 @@ def test_a_rate_limit_is_shared_by_the_replicas_not_multiplied(
     accepted_everywhere(fleet, key, "rpm")
 
     started = time.monotonic()
-    outcomes = asyncio.run(burst(fleet, key, "rpm", 3 * 3 * rpm))
+    outcomes = asyncio.run(
+        chat_burst(
+            [r.v1 for r in fleet], key, model="rpm", max_tokens=OUTPUT_TOKENS, count=3 * 3 * rpm
+        )
+    )
     refilled = int((time.monotonic() - started) * rpm / 60)
 
     assert set(outcomes) == {"ok", "rate_limit_exceeded"}

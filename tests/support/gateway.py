@@ -1,5 +1,6 @@
 """A real Tollgate server for end-to-end tests, plus helpers to wait on it."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import openai
 import redis
 from django.conf import settings
 from django.db import connection
@@ -207,3 +209,27 @@ def wait_for_usage_writes_to_settle(*, quiet_s: float = 0.25, timeout_s: float =
         time.sleep(0.05)
     if client is not None:
         client.close()
+
+
+async def chat_burst(
+    bases: list[str], key: str, *, model: str, max_tokens: int, count: int
+) -> list[str]:
+    """`count` concurrent chat requests, round-robin over the gateways' /v1 base URLs:
+    "ok" or the error code of each."""
+    clients = [openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0) for base in bases]
+
+    async def one(index: int) -> str:
+        try:
+            await clients[index % len(clients)].chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=max_tokens,
+            )  # fmt: skip
+        except openai.APIStatusError as exc:
+            return str(exc.code)
+        return "ok"
+
+    try:
+        return await asyncio.gather(*(one(index) for index in range(count)))
+    finally:
+        for client in clients:
+            await client.close()
