@@ -4,18 +4,18 @@ The caller runs `await shared.sync(health, time.monotonic())` about once a secon
 background task, never a request). Each sync is one pipelined round trip that first
 publishes what this process learned since the last sync and then reads the fleet's state:
 
-- `{prefix}:open` (hash) deployment id -> wall-clock ms when its cooldown ends. Written
-  when this process opened a breaker; read by everyone and adopted with
+- `{prefix}:open` (hash) deployment id -> ms (Redis's clock) when its cooldown ends.
+  Written when this process opened a breaker; read by everyone and adopted with
   `DeploymentHealth.merge_shared` (an open breaker wins over a local closed one). Entries
   whose time has passed are ignored; the hash expires when no breaker opened for a while.
 - `{prefix}:epoch` (hash) deployment id -> how many times a probe closed its breaker. A
   successful probe removes the `open` entry and increments the epoch; a replica that sees
   the epoch move (and no `open` entry) closes its own breaker too.
 - `{prefix}:window` (hash) `"{id}:{epoch}:{bucket}:r|f"` -> requests / failures per
-  fleet-window bucket (`window_s / FLEET_BUCKETS` wide, wall-clock aligned). Every replica
-  adds its counts; each reads the sum over the window for the current epoch, subtracts
-  what it added itself, and applies the rest with `DeploymentHealth.merge_window`, so an
-  error rate split across replicas still opens the breaker. Counts of an older epoch (from
+  fleet-window bucket (`window_s / FLEET_BUCKETS` wide, aligned on Redis's clock). Every
+  replica adds its counts; each reads the sum over the window for the current epoch,
+  subtracts what it added itself, and applies the rest with `DeploymentHealth.merge_window`,
+  so an error rate split across replicas still opens the breaker. Counts of an older epoch (from
   before a probe closed the breaker) no longer count; stale fields are deleted by the next
   sync and the hash expires with the window when traffic stops.
 - `{prefix}:usage` (hash) `"{id}:{bucket}:r|t"` -> requests sent / tokens used per
@@ -24,9 +24,21 @@ publishes what this process learned since the last sync and then reads the fleet
   (to within one sync interval of traffic).
 
 Four fixed keys instead of one per deployment, so a replica learns about deployments it
-has never called without SCAN or a second round trip. Deadlines and buckets use the wall
-clock because monotonic clocks are not comparable across hosts; NTP-level skew is harmless
-at these scales, and an adopted cooldown is capped at the policy's `cooldown_s`.
+has never called without SCAN or a second round trip.
+
+Every time in these keys is on Redis's clock (`TIME`), the one clock every replica
+shares, as in the budget counters: monotonic clocks are not comparable across hosts, and
+on local wall clocks a replica minutes fast would ignore fresh cooldowns, one minutes slow
+would keep ended ones, and their buckets would never line up. Each sync's pipeline runs
+TIME just before its reads, which are judged against its reply (cooldown left, current
+buckets, stale fields); expiries are relative (PEXPIRE), so Redis counts them. The writes
+precede that reply in the pipeline, so they take the local wall clock plus the offset to
+Redis's clock that the previous sync measured (at the middle of its round trip: off by
+half a round trip, or for one sync after either clock steps). A process's first sync
+measures it with a TIME of its own; every later sync stays one round trip. A Lua script
+could read TIME before writing, but would move the whole exchange into Lua for no gain at
+these scales. The breaker itself runs on the caller's monotonic clock, and an adopted
+cooldown is capped at the policy's `cooldown_s`.
 
 Redis being down or slow never reaches the caller: `sync` logs and returns, each process's
 breaker keeps working on its own, and breakers opened meanwhile are published when Redis
@@ -38,7 +50,7 @@ a fleet-wide single probe would need a Redis round trip on the request path.
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +95,11 @@ def _parse_usage_field(raw: bytes | str) -> tuple[int, int, bool] | None:
         return None
 
 
+def _seconds(redis_time: tuple[int, int]) -> float:
+    """A TIME reply (seconds, microseconds) as seconds."""
+    return redis_time[0] + redis_time[1] / 1_000_000
+
+
 def _int_keys(mapping: dict[bytes | str, bytes | str]) -> dict[int, int]:
     parsed: dict[int, int] = {}
     for key, value in mapping.items():
@@ -102,9 +119,13 @@ class SharedHealth:
         *,
         key_prefix: str = "tollgate:health",
         policy: BreakerPolicy,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         self._policy = policy
+        self._wall_clock = wall_clock  # this host's (tests skew it)
+        # Redis's clock minus ours (seconds), as the last sync that reached Redis measured it.
+        self._offset_s: float | None = None
         self._open_key = f"{key_prefix}:open"
         self._epoch_key = f"{key_prefix}:epoch"
         self._window_key = f"{key_prefix}:window"
@@ -136,12 +157,18 @@ class SharedHealth:
             opened.pop(deployment_id, None)
         opened = {key: retry_at for key, retry_at in opened.items() if retry_at > now}
         closed = sorted(changes.closed)
-        wall_s = time.time()
-        bucket = math.floor(wall_s / self._bucket_s)
+        if self._offset_s is None:
+            try:
+                self._offset_s = await self._measure_offset()
+            except (RedisError, OSError) as exc:
+                self._report_failure(exc, opened)
+                return
+        shared_s = self._wall_clock() + self._offset_s  # Redis's clock, estimated
+        bucket = math.floor(shared_s / self._bucket_s)
 
         pipe = self._redis.pipeline(transaction=False)
         for deployment_id, retry_at in opened.items():
-            deadline_ms = round((wall_s + retry_at - now) * 1000)
+            deadline_ms = round((shared_s + retry_at - now) * 1000)
             pipe.hset(self._open_key, str(deployment_id), deadline_ms)
         if opened:
             pipe.pexpire(self._open_key, round(2000 * self._policy.cooldown_s))
@@ -168,7 +195,7 @@ class SharedHealth:
         if added:
             window_ttl_ms = math.ceil(1000 * (self._policy.window_s + self._bucket_s))
             pipe.pexpire(self._window_key, window_ttl_ms)
-        usage_bucket = math.floor(wall_s / self._usage_bucket_s)
+        usage_bucket = math.floor(shared_s / self._usage_bucket_s)
         for deployment_id, (requests, tokens) in changes.usage.items():
             if requests:
                 pipe.hincrby(self._usage_key, f"{deployment_id}:{usage_bucket}:r", requests)
@@ -178,19 +205,22 @@ class SharedHealth:
             usage_ttl_ms = math.ceil(1000 * (USAGE_WINDOW_S + self._usage_bucket_s))
             pipe.pexpire(self._usage_key, usage_ttl_ms)
         reads_at = len(pipe)
+        pipe.time()
         pipe.hgetall(self._open_key)
         pipe.hgetall(self._epoch_key)
         pipe.hgetall(self._window_key)
         pipe.hgetall(self._usage_key)
+        sent_s = self._wall_clock()
         try:
             results = await pipe.execute()
         except (RedisError, OSError) as exc:
             # Opens are re-sent next time if still open; closes and counts are dropped (a
             # late close could delete a newer open, and late counts would land in the
             # wrong bucket).
-            self._unpublished_opens = opened
-            self._report_failure(exc)
+            self._report_failure(exc, opened)
             return
+        redis_s = _seconds(results[reads_at])
+        self._offset_s = redis_s - (sent_s + self._wall_clock()) / 2
         self._unpublished_opens = {}
         if self._failing:
             self._failing = False
@@ -207,19 +237,25 @@ class SharedHealth:
         # A close this process published is no signal to itself.
         for deployment_id, position in zip(closed, epoch_replies, strict=True):
             self._epochs[deployment_id] = int(results[position])
-        open_raw, epoch_raw, window_raw, usage_raw = results[reads_at:]
-        self._apply(health, now, wall_s, _int_keys(open_raw), _int_keys(epoch_raw), window_raw)
-        self._apply_usage(health, now, wall_s, usage_raw)
+        open_raw, epoch_raw, window_raw, usage_raw = results[reads_at + 1 :]
+        self._apply(health, now, redis_s, _int_keys(open_raw), _int_keys(epoch_raw), window_raw)
+        self._apply_usage(health, now, redis_s, usage_raw)
+
+    async def _measure_offset(self) -> float:
+        """Redis's clock minus ours, from one TIME (taken as read mid-round-trip)."""
+        sent_s = self._wall_clock()
+        redis_s = _seconds(await self._redis.time())
+        return redis_s - (sent_s + self._wall_clock()) / 2
 
     def _apply_usage(
         self,
         health: DeploymentHealth,
         now: float,
-        wall_s: float,
+        redis_s: float,
         usage_raw: dict[bytes | str, bytes | str],
     ) -> None:
         """Apply the other replicas' last-minute usage (the fleet's sum minus our own)."""
-        oldest = math.floor(wall_s / self._usage_bucket_s) - FLEET_BUCKETS + 1
+        oldest = math.floor(redis_s / self._usage_bucket_s) - FLEET_BUCKETS + 1
         fleet: dict[int, list[int]] = {}
         for raw_name, raw_value in usage_raw.items():
             parsed = _parse_usage_field(raw_name)
@@ -245,14 +281,14 @@ class SharedHealth:
         self,
         health: DeploymentHealth,
         now: float,
-        wall_s: float,
+        redis_s: float,
         deadlines_ms: dict[int, int],
         epochs: dict[int, int],
         window_raw: dict[bytes | str, bytes | str],
     ) -> None:
         opened: dict[int, float] = {}
         for deployment_id, deadline_ms in deadlines_ms.items():
-            left_s = deadline_ms / 1000 - wall_s
+            left_s = deadline_ms / 1000 - redis_s
             if left_s > 0:
                 opened[deployment_id] = min(left_s, self._policy.cooldown_s)
 
@@ -267,7 +303,7 @@ class SharedHealth:
         self._has_read = True
         health.merge_shared(opened, now, closed=closed)
 
-        current = math.floor(wall_s / self._bucket_s)
+        current = math.floor(redis_s / self._bucket_s)
         oldest = current - FLEET_BUCKETS + 1
         fleet: dict[int, list[int]] = {}
         for raw_name, raw_value in window_raw.items():
@@ -300,8 +336,9 @@ class SharedHealth:
                 del self._own[deployment_id]
         health.merge_window(_minus_own(fleet, self._own), now)
 
-    def _report_failure(self, exc: Exception) -> None:
-        # One warning per outage, not one per second.
+    def _report_failure(self, exc: Exception, opened: dict[int, float]) -> None:
+        """Keep `opened` to publish next time; warn once per outage, not once per second."""
+        self._unpublished_opens = opened
         if self._failing:
             logger.debug("health sync with Redis still failing: %s", exc)
             return

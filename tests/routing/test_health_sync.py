@@ -1,48 +1,50 @@
-"""Circuit state shared between replicas through a real Redis (db 13, flushed around each test).
+"""Circuit state shared between replicas through the run's Redis (its `test:health` keys
+are deleted around each test).
 
-Each replica is a `DeploymentHealth` with its own `SharedHealth` and its own monotonic
-clock (replicas' monotonic clocks are not comparable, so they start far apart here).
+Each replica is a `DeploymentHealth` with its own `SharedHealth`, its own monotonic clock
+(replicas' monotonic clocks are not comparable, so they start far apart here) and its own
+wall clock, which `CLOCKS` sets five minutes either side of the real one: sharing runs on
+Redis's clock, so it must work whatever the replicas' clocks say.
 """
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-import redis
 import redis.asyncio
+from django.conf import settings
 
 from routing.health import BreakerPolicy, CircuitState, DeploymentHealth
 from routing.health_sync import SharedHealth
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
+PREFIX = "test:health"
 DEP = 42
 POLICY = BreakerPolicy(consecutive_failures=3, error_rate=0.5, min_requests=10, cooldown_s=30)
+SKEW_S = 300.0
+# Replica A's and B's wall clocks against the real one: each test below holds for all three.
+CLOCKS = pytest.mark.parametrize(
+    "skews",
+    [(0.0, 0.0), (-SKEW_S, SKEW_S), (SKEW_S, -SKEW_S)],
+    ids=["same clock", "A 5 min slow, B 5 min fast", "A 5 min fast, B 5 min slow"],
+)
 
-
-def _redis_reachable() -> bool:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-pytestmark = [
-    pytest.mark.skipif(not _redis_reachable(), reason=f"no Redis reachable at {REDIS_URL}"),
-    pytest.mark.asyncio,
-]
+pytestmark = pytest.mark.asyncio
 
 
 class Replica:
-    """One web process: its health, its sync, and its own monotonic clock."""
+    """One web process: its health, its sync, its own monotonic clock and its wall clock's
+    offset from the real one."""
 
-    def __init__(self, client: redis.asyncio.Redis, clock: float, policy: BreakerPolicy) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, clock: float, policy: BreakerPolicy, skew_s: float = 0
+    ) -> None:
         self.health = DeploymentHealth(policy)
-        self.shared = SharedHealth(client, key_prefix="test:health", policy=policy)
+        self.shared = SharedHealth(
+            client, key_prefix=PREFIX, policy=policy, wall_clock=lambda: time.time() + skew_s
+        )
         self.now = clock
 
     async def sync(self) -> None:
@@ -59,21 +61,31 @@ class Replica:
             self.health.record_failure(deployment_id, self.now)
 
 
+async def forget_test_keys(connection: redis.asyncio.Redis) -> None:
+    keys = [key async for key in connection.scan_iter(match=f"{PREFIX}:*")]
+    if keys:
+        await connection.delete(*keys)
+
+
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[redis.asyncio.Redis]:
-    connection = redis.asyncio.Redis.from_url(REDIS_URL)
-    await connection.flushdb()
+    if not settings.REDIS_URL:
+        pytest.skip("sharing circuit state needs Redis (REDIS_URL is unset)")
+    connection = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+    await forget_test_keys(connection)
     try:
         yield connection
     finally:
-        await connection.flushdb()
+        await forget_test_keys(connection)
         await connection.aclose()
 
 
 async def replicas(
-    client: redis.asyncio.Redis, policy: BreakerPolicy = POLICY
+    client: redis.asyncio.Redis,
+    policy: BreakerPolicy = POLICY,
+    skews: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[Replica, Replica]:
-    return Replica(client, 1_000.0, policy), Replica(client, 777_000.0, policy)
+    return Replica(client, 1_000.0, policy, skews[0]), Replica(client, 777_000.0, policy, skews[1])
 
 
 async def sync_round(*fleet: Replica) -> None:
@@ -81,10 +93,11 @@ async def sync_round(*fleet: Replica) -> None:
         await replica.sync()
 
 
+@CLOCKS
 async def test_a_breaker_one_replica_opens_is_refused_by_the_other_after_one_round(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
-    a, b = await replicas(client)
+    a, b = await replicas(client, skews=skews)
     a.fail(POLICY.consecutive_failures)
     assert not a.allow()
     assert b.allow(), "before any sync, B knows nothing"
@@ -94,10 +107,11 @@ async def test_a_breaker_one_replica_opens_is_refused_by_the_other_after_one_rou
     assert b.allow(DEP + 1), "other deployments are unaffected"
 
 
+@CLOCKS
 async def test_a_probe_that_succeeds_after_the_cooldown_closes_the_breaker_everywhere(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
-    a, b = await replicas(client)
+    a, b = await replicas(client, skews=skews)
     a.fail(POLICY.consecutive_failures)
     await sync_round(a, b)
     b.now += 10
@@ -117,10 +131,11 @@ async def test_a_probe_that_succeeds_after_the_cooldown_closes_the_breaker_every
     assert a.allow() and b.allow(), "the failures from before the probe no longer count"
 
 
+@CLOCKS
 async def test_a_failed_probe_reopens_the_breaker_everywhere(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
-    a, b = await replicas(client)
+    a, b = await replicas(client, skews=skews)
     b.health.record_success(DEP, b.now, latency_ms=100)
     a.fail(POLICY.consecutive_failures)
     await sync_round(a, b)
@@ -136,11 +151,27 @@ async def test_a_failed_probe_reopens_the_breaker_everywhere(
     assert b.allow()
 
 
+@CLOCKS
+async def test_an_adopted_cooldown_ends_when_the_openers_does(
+    client: redis.asyncio.Redis, skews: tuple[float, float]
+) -> None:
+    a, b = await replicas(client, skews=skews)
+    await sync_round(a, b)  # the offset to Redis's clock now comes from a sync's pipeline
+    a.fail(POLICY.consecutive_failures)
+    a.now += 10
+    await sync_round(a, b)
+    b.now += POLICY.cooldown_s - 10 - 0.5
+    assert not b.allow(), "B refuses until A's cooldown is over"
+    b.now += 1
+    assert b.allow(), "and no longer: B probes when A does"
+
+
+@CLOCKS
 async def test_failures_split_across_replicas_open_the_breaker_fleet_wide(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
     policy = BreakerPolicy(consecutive_failures=100, error_rate=0.5, min_requests=10)
-    a, b = await replicas(client, policy)
+    a, b = await replicas(client, policy, skews)
     for replica in (a, b):  # 6 calls, 4 failures each: locally below min_requests
         for call in range(6):
             if call < 4:
@@ -153,11 +184,12 @@ async def test_failures_split_across_replicas_open_the_breaker_fleet_wide(
     assert b.health.status(DEP, b.now).window_requests == 12
 
 
+@CLOCKS
 async def test_a_low_error_rate_split_across_replicas_keeps_the_breaker_closed(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
     policy = BreakerPolicy(consecutive_failures=100, error_rate=0.5, min_requests=10)
-    a, b = await replicas(client, policy)
+    a, b = await replicas(client, policy, skews)
     for replica in (a, b):
         replica.fail(2)
         for _ in range(6):
@@ -175,7 +207,7 @@ async def test_replicas_with_another_key_prefix_are_another_fleet(
     stranger = DeploymentHealth(POLICY)
     a.fail(POLICY.consecutive_failures)
     await a.sync()
-    await SharedHealth(client, key_prefix="elsewhere", policy=POLICY).sync(stranger, 5.0)
+    await SharedHealth(client, key_prefix="test:elsewhere", policy=POLICY).sync(stranger, 5.0)
     assert stranger.allow(DEP, 5.0)
 
 
@@ -218,10 +250,11 @@ async def test_a_breaker_opened_while_redis_was_down_is_published_once_it_is_bac
         await dead.aclose()
 
 
+@CLOCKS
 async def test_minute_usage_is_shared_so_limits_hold_for_the_fleet(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis, skews: tuple[float, float]
 ) -> None:
-    a, b = await replicas(client)
+    a, b = await replicas(client, skews=skews)
     for _ in range(4):
         a.health.started(DEP, a.now)
         a.health.finished(DEP)

@@ -5,11 +5,11 @@ once for the module with the default 1 s configuration poll; the clients are the
 `openai` SDK and, for the management API, httpx. They prove that budgets, rate limits,
 circuit state and configuration changes hold for the fleet, not per process. Two more
 gateways run under libfaketime (LD_PRELOAD) with clocks the tests set apart, for clock
-skew: holds and rate buckets are measured on Redis's clock, and at a budget period's
-boundary each request is charged to the one period its own usage event names. Last, two
-replicas share a private redis-server that is stopped and started again: both follow the
-fail-closed policy and their spools are replayed exactly once. docs/reliability.md tables
-what each test proves.
+skew: holds, rate buckets and shared breaker cooldowns are measured on Redis's clock, and
+at a budget period's boundary each request is charged to the one period its own usage
+event names. Last, two replicas share a private redis-server that is stopped and started
+again: both follow the fail-closed policy and their spools are replayed exactly once.
+docs/reliability.md tables what each test proves.
 """
 
 import asyncio
@@ -34,6 +34,7 @@ from django.conf import settings
 from billing.models import UsageEvent
 from routing.models import Deployment, Route
 from tenants.api_tokens import api_token_create
+from tenants.config import config_revision_bump
 from tenants.models import Budget, Organization
 from tests.conftest import TEST_ACTOR, IssueKey, MakeRoute
 from tests.factories import OrganizationFactory
@@ -74,6 +75,8 @@ HEALTH_SYNC_S = 1.0  # routing/proxy/runtime.py _HEALTH_SYNC_SECONDS
 # An opening reaches the others within two syncs: the opener's publish, then their read.
 CIRCUIT_SHARED_BOUND_S = 2 * HEALTH_SYNC_S + 1.0
 SKEW_S = 300  # replica A's clock runs five minutes ahead of replica B's
+# The skewed replicas' breaker cooldown: far below the skew, above the two-sync bound.
+SKEWED_COOLDOWN_S = 5.0
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 REPLICA_ENV = {
     "TOLLGATE_CONFIG_POLL_SECONDS": str(CONFIG_POLL_S),
@@ -337,33 +340,53 @@ def test_a_rate_limit_is_shared_by_the_replicas_not_multiplied(
 # 3. Circuit state --------------------------------------------------------------------------
 
 
+def failing_primary_and_backup(
+    make_route: MakeRoute, org: Organization, model: str
+) -> tuple[Deployment, Deployment]:
+    """Route `model` of `org`: a primary whose upstream answers 500, and a backup behind it."""
+    route = make_route(
+        model=model, org=org, provider_org=org, upstream_model=f"{model}+fault=500", price=PRICE
+    )
+    primary = route.deployments.get()
+    backup = second_deployment(make_route, org, f"{model}-backup")
+    backup.priority = 1
+    backup.save()
+    route.deployments.add(backup)
+    return primary, backup
+
+
+def open_breaker(replica: GatewayServer, key: str, model: str, backup: Deployment) -> float:
+    """Fail the primary on `replica` until its breaker opens; return when (monotonic)."""
+    for _ in range(TEST_BREAKER_FAILURES):  # each fails on the primary, then the backup answers
+        answer = ask(replica.v1, key, model)
+        assert (answer.status, answer.deployment, answer.attempts) == (200, backup.name, "2")
+    opened_at = time.monotonic()
+    answer = ask(replica.v1, key, model)
+    assert (answer.deployment, answer.attempts) == (backup.name, "1"), "open on this replica"
+    return opened_at
+
+
+def skips_to(replica: GatewayServer, key: str, model: str, backup: Deployment) -> None:
+    """`replica` answers from the backup without trying the primary first."""
+    answer = ask(replica.v1, key, model)
+    assert (answer.status, answer.deployment, answer.attempts) == (200, backup.name, "1")
+
+
 def test_a_breaker_one_replica_opens_is_honoured_by_the_others_within_two_syncs(
     fleet: list[GatewayServer], make_route: MakeRoute, issue_key: IssueKey
 ) -> None:
     org = OrganizationFactory()
-    route = make_route(
-        model="cb", org=org, provider_org=org, upstream_model="cb+fault=500", price=PRICE
-    )
-    backup = second_deployment(make_route, org, "cb-backup")
-    backup.priority = 1
-    backup.save()
-    route.deployments.add(backup)
+    _, backup = failing_primary_and_backup(make_route, org, "cb")
     key = issue_key(org)
     accepted_everywhere(fleet, key, "cb")
     first, others = fleet[0], fleet[1:]
 
-    for _ in range(TEST_BREAKER_FAILURES):  # each fails on the primary, then the backup answers
-        answer = ask(first.v1, key, "cb")
-        assert (answer.status, answer.deployment, answer.attempts) == (200, backup.name, "2")
-    opened_at = time.monotonic()
-    answer = ask(first.v1, key, "cb")
-    assert (answer.deployment, answer.attempts) == (backup.name, "1"), "open on replica 1"
+    opened_at = open_breaker(first, key, "cb", backup)
 
     # The others never called the primary; after two syncs they skip it too.
     time.sleep(max(0.0, CIRCUIT_SHARED_BOUND_S - (time.monotonic() - opened_at)))
     for replica in others:
-        answer = ask(replica.v1, key, "cb")
-        assert (answer.status, answer.deployment, answer.attempts) == (200, backup.name, "1")
+        skips_to(replica, key, "cb", backup)
 
 
 # 4. Clock skew -----------------------------------------------------------------------------
@@ -426,6 +449,7 @@ def skewed(gateway: GatewayServer) -> Iterator[SkewedPair]:
         envs = [
             {
                 **REPLICA_ENV,
+                "TOLLGATE_BREAKER_COOLDOWN_SECONDS": str(SKEWED_COOLDOWN_S),
                 "TOLLGATE_VAR_DIR": f"{clock_file}-var",
                 "LD_PRELOAD": str(FAKETIME_LIB),
                 "FAKETIME_TIMESTAMP_FILE": str(clock_file),
@@ -493,6 +517,44 @@ def test_a_replica_whose_clock_runs_ahead_sees_no_rate_bucket_refilled_early(
     refilled = int((time.monotonic() - started) * 4 / 60)
     assert set(statuses) == {200, 429}
     assert 4 <= statuses.count(200) <= 4 + refilled, statuses
+
+
+@pytest.mark.parametrize("opener", ["ahead", "behind"])
+def test_a_breaker_a_skewed_replica_opens_is_honoured_by_the_other_for_its_cooldown(
+    skewed: SkewedPair, make_route: MakeRoute, issue_key: IssueKey, opener: str
+) -> None:
+    """Cooldowns are shared on Redis's clock: with clocks five minutes apart, the other
+    replica skips the open deployment within two syncs (on local clocks, A took B's fresh
+    cooldown for long over) and calls it again once the cooldown is over (on local clocks,
+    B kept A's for minutes more)."""
+    org = OrganizationFactory()
+    primary, backup = failing_primary_and_backup(make_route, org, "cb-skew")
+    key = issue_key(org)
+    skewed.set_clocks(skewed.later_day() + timedelta(hours=12))
+    first, other = (
+        (skewed.ahead, skewed.behind) if opener == "ahead" else (skewed.behind, skewed.ahead)
+    )
+    replicas = [first.server, other.server]
+    accepted_everywhere(replicas, key, "cb-skew")
+
+    opened_at = open_breaker(first.server, key, "cb-skew", backup)
+    # The primary recovers at once: the cooldown alone keeps it out of use.
+    Deployment.objects.filter(pk=primary.pk).update(upstream_model="cb-skew")
+    config_revision_bump()
+    time.sleep(max(0.0, CIRCUIT_SHARED_BOUND_S - (time.monotonic() - opened_at)))
+    skips_to(other.server, key, "cb-skew", backup)
+
+    # The other's probe, not a close published by the first, must end its cooldown.
+    closed_after = []
+    for replica in replicas[::-1]:
+        wait_until(
+            lambda r=replica: ask(r.v1, key, "cb-skew").deployment == primary.name,
+            timeout_s=SKEWED_COOLDOWN_S + CIRCUIT_SHARED_BOUND_S + 5,
+            what="the primary in use again",
+        )
+        closed_after.append(time.monotonic() - opened_at)
+    assert SKEWED_COOLDOWN_S - 1 <= closed_after[0] <= SKEWED_COOLDOWN_S + 2, closed_after
+    assert closed_after[1] <= SKEWED_COOLDOWN_S + CIRCUIT_SHARED_BOUND_S, closed_after
 
 
 def settled_counter(budget: Budget, day: datetime) -> int:
