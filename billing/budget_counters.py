@@ -73,6 +73,14 @@ class ScriptClient(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class InflightEntry:
+    """A request's write-ahead usage entry (billing/inflight.py), stored with its holds."""
+
+    hash_key: str  # the in-flight hash of the process serving the request
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetLine:
     """One budget in its current period, as the hot path sees it."""
 
@@ -237,6 +245,7 @@ class BudgetCounters(abc.ABC):
         amount_nanos: int,
         ttl_s: float,
         charges: Sequence[RateCharge] = (),
+        inflight: InflightEntry | None = None,
     ) -> ReserveResult:
         """Hold `amount_nanos` on every line and take every charge, if all have room.
 
@@ -244,6 +253,8 @@ class BudgetCounters(abc.ABC):
         lines never refuse), and at least the charge in every bucket. Otherwise
         nothing is held or taken; a refusing line remembers it was refused.
         The hold expires `ttl_s` seconds from now unless settled before.
+        `inflight` is stored with the holds, in the same step (shared counters only:
+        a process's own counters die with it).
         """
 
     @abc.abstractmethod
@@ -355,21 +366,30 @@ class RedisBudgetCounters(BudgetCounters):
         nanos: int = 0,
         hold_ttl_s: float = 0,
         buckets: Sequence[RateCharge] = (),
+        inflight: InflightEntry | None = None,
+        line_keys: Sequence[tuple[str, ...]] | None = None,
     ) -> list[int]:
         clock = self._clock
         now = time.time() if clock is None else clock()
         keys = [f"tollgate:budget:settle:{request_id}"]
+        line_keys = line_keys or ()
         # An empty `now` has the script read Redis's clock.
-        args: list[str | int | float] = [
-            op, request_id, "" if clock is None else now, len(lines), nanos, hold_ttl_s,
+        args: list[str | int | float | bytes] = [
+            op, request_id, "" if clock is None else now, len(lines) + len(line_keys), nanos,
+            hold_ttl_s, SETTLE_MEMORY_S, len(buckets),
         ]  # fmt: skip
-        args += [SETTLE_MEMORY_S, len(buckets)]
         for line in lines:
             keys += line.redis_keys
             args += [line.limit_nanos, int(line.hard), _key_ttl_ms(line, now)]
+        for known_keys in line_keys:  # lines known by their keys alone (no limit needed)
+            keys += known_keys
+            args += [0, 0, 0]
         for charge in buckets:
             keys.append(charge.bucket.redis_key)
             args += [charge.bucket.capacity, charge.bucket.refill_per_s, charge.amount]
+        if inflight is not None:
+            keys.append(inflight.hash_key)
+            args.append(inflight.payload)
         # EVALSHA directly (redis-py's Script wrapper type-checks the client on every
         # call: a measurable share of a proxy worker); EVAL loads it after a restart.
         client = self._settle_client if op == "settle" else self._client
@@ -386,6 +406,7 @@ class RedisBudgetCounters(BudgetCounters):
         amount_nanos: int,
         ttl_s: float,
         charges: Sequence[RateCharge] = (),
+        inflight: InflightEntry | None = None,
     ) -> ReserveResult:
         _check_nanos("amount_nanos", amount_nanos)
         _check_charges(charges, taking=True)
@@ -393,7 +414,7 @@ class RedisBudgetCounters(BudgetCounters):
             return ReserveResult(ReserveStatus.RESERVED, amount_nanos)
         reply = await self._run(
             "reserve", lines, request_id=request_id, nanos=amount_nanos, hold_ttl_s=ttl_s,
-            buckets=charges,
+            buckets=charges, inflight=inflight,
         )  # fmt: skip
         code, rest = int(reply[0]), reply[1:]
         if code == 5:
@@ -447,6 +468,14 @@ class RedisBudgetCounters(BudgetCounters):
     ) -> None:
         _check_charges(charges, taking=True)
         await self._run("void", lines, request_id=request_id, buckets=charges)
+
+    async def abandon(self, request_id: str, key_prefixes: Sequence[str]) -> int | None:
+        """Give up on a request whose process died: None if it had not settled (it is
+        voided now, its holds released, and a late settle takes nothing), else the
+        nanos it settled. `key_prefixes` are its lines' `BudgetLine.key_prefix`."""
+        line_keys = [tuple(f"{p}:{part}" for part in _LINE_KEY_PARTS) for p in key_prefixes]
+        reply = await self._run("abandon", [], request_id=request_id, line_keys=line_keys)
+        return int(reply[1]) if int(reply[0]) == 1 else None
 
     async def spent(self, lines: Sequence[BudgetLine]) -> tuple[LineSpend, ...]:
         if not lines:
@@ -560,6 +589,7 @@ class InProcessBudgetCounters(BudgetCounters):
         amount_nanos: int,
         ttl_s: float,
         charges: Sequence[RateCharge] = (),
+        inflight: InflightEntry | None = None,  # dies with this process: nothing to write
     ) -> ReserveResult:
         _check_nanos("amount_nanos", amount_nanos)
         _check_charges(charges, taking=True)

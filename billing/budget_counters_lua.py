@@ -11,11 +11,14 @@ Redis truncates Lua numbers to integers.
 # One script for every operation, so each is one atomic round trip.
 # KEYS: [1] the request's settle marker, then per line: settled, reserved,
 #       holds (zset request -> deadline), amounts (hash request -> nanos), refused
-#       (set when a request was refused), then per rate bucket its hash (level, ts).
+#       (set when a request was refused), then per rate bucket its hash (level, ts),
+#       then (reserve, optional) the in-flight hash of the process serving the request.
 # ARGV: op, request id, now (s; empty: Redis's TIME), line count, nanos, hold ttl (s),
 #       settle memory (s), bucket count, then per line: limit, hard (1/0), key ttl in
 #       ms (0: forever), then per bucket: capacity, refill per second, amount (reserve: to take;
-#       settle: to give back, negative to take more).
+#       settle: to give back, negative to take more), then (reserve, optional) the request's
+#       in-flight entry (billing/inflight.py), stored with its holds.
+# The settle marker holds the settled nanos, or 'void' for a request given up on.
 BUDGET_COUNTERS_LUA = """
 local op, rid, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if not now then
@@ -134,6 +137,8 @@ if op == 'reserve' then
       for _, key in ipairs({reserved, holds, amounts}) do redis.call('PEXPIRE', key, ttl) end
     end
   end
+  local entry = ARGV[9 + n * 3 + m * 3]
+  if entry then redis.call('HSET', KEYS[2 + n * 5 + m], rid, entry) end
   local out = every_line(0)
   for j = 1, m do
     local _, _, _, amount = bucket(j)
@@ -142,7 +147,7 @@ if op == 'reserve' then
   end
   return out
 elseif op == 'settle' then
-  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[7]) then return {3} end
+  if not redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[7]) then return {3} end
   local out = {0, 0}
   for i = 1, n do
     expire(i)
@@ -176,6 +181,18 @@ elseif op == 'void' then
       local _, capacity, _, amount = bucket(j)
       if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
     end
+  end
+  return {0}
+elseif op == 'abandon' then
+  -- Its process died (billing/inflight.py): an unsettled request is voided, its holds
+  -- released, and answers {0}; a settled one answers {1, the nanos it settled}.
+  if not redis.call('SET', KEYS[1], 'void', 'NX', 'EX', ARGV[7]) then
+    local settled = redis.call('GET', KEYS[1])
+    return {1, tonumber(settled) or 0}
+  end
+  for i = 1, n do
+    local _, reserved, holds, amounts = keys(i)
+    release(reserved, holds, amounts, rid)
   end
   return {0}
 elseif op == 'spent' then

@@ -173,6 +173,8 @@ def _write_one_detached(event: UsageEvent) -> None:
 class UsageBuffer:
     """Batches usage records from the event loop into the ledger."""
 
+    inflight_key = None  # in-process: a dead process takes its buffer and counters along
+
     def __init__(
         self,
         *,
@@ -192,6 +194,9 @@ class UsageBuffer:
         self._pending.append(record)
         if len(self._pending) >= self._batch_size:
             self._wake.set()
+
+    def begin(self, request_id: str, entry: bytes) -> None:
+        """Nothing to write ahead: see `inflight_key`."""
 
     @property
     def pending(self) -> int:

@@ -51,18 +51,49 @@ ENTRY_FIELD = b"e"  # the one field of a stream entry: the record as JSON
 # A batch of records appended by one script call: one command for redis-py to pack
 # and one reply to parse, not one per record (a pipeline of XADDs was a visible
 # share of a proxy worker's CPU), and all of the batch or none of it.
+# The same call writes in-flight entries (billing/inflight.py) and forgets those of the
+# records appended: an entry lives until its record is in the stream.
+# ARGV: entry count, record count, then (request id, entry) pairs, the records, and the
+# request ids whose entries to forget.
 _XADD_BATCH_LUA = """
-for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', KEYS[2], ARGV[i]) end
-return #ARGV
+local entries, records, i = tonumber(ARGV[1]), tonumber(ARGV[2]), 3
+for _ = 1, entries do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
+for _ = 1, records do redis.call('XADD', KEYS[1], '*', KEYS[2], ARGV[i]); i = i + 1 end
+for j = i, #ARGV do redis.call('HDEL', KEYS[3], ARGV[j]) end
+return records
 """
 _XADD_BATCH_SHA = hashlib.sha1(_XADD_BATCH_LUA.encode()).hexdigest()
 SPOOL_SUFFIX = ".jsonl"
+
+# Write-ahead entries of requests in flight, per web process (billing/inflight.py): the
+# set of processes writing to a stream, each one's hash (request id -> entry), and the
+# key that says it is alive (for TOLLGATE_PROCESS_LIVE_SECONDS, said again well before).
+_LIVE_SAID_PER_TTL = 5
+BEGIN_FLUSH_S = 0.05  # entries handed to `begin` reach Redis within this
+
+
+def inflight_producers_key(stream: str) -> str:
+    return f"{stream}:inflight"
+
+
+def inflight_hash_key(stream: str, producer: str) -> str:
+    return f"{stream}:inflight:{producer}"
+
+
+def inflight_live_key(stream: str, producer: str) -> str:
+    return f"{stream}:inflight:{producer}:live"
 
 
 class UsageSink(Protocol):
     """Where the proxy hands usage records: `UsageBuffer` or `UsageStreamProducer`."""
 
+    # Where requests write their in-flight entries (billing/inflight.py); None: nowhere.
+    inflight_key: str | None
+
     def add(self, record: UsageRecord) -> None: ...
+
+    def begin(self, request_id: str, entry: bytes) -> None:
+        """A request with no reserve to carry its in-flight entry is calling upstream."""
 
     @property
     def pending(self) -> int: ...
@@ -330,8 +361,11 @@ class UsageStreamProducer:
 
     `add` is a list append; `run` sends batches with one script call each. When
     Redis fails, the batch goes to the local spool instead and is replayed on a
-    later flush. A record is at risk only between `add` and the
-    next flush (one interval), should the process be killed outright then.
+    later flush. Should the process be killed outright, a record not yet sent is
+    lost, but a request admitted on budgets or rate limits left an in-flight entry
+    under `producer` (written with its reserve), and any other request calling upstream
+    hands its entry to `begin`, written within BEGIN_FLUSH_S. `run` keeps them alive, and
+    billing/inflight.py turns them into events once this process is gone.
     """
 
     def __init__(
@@ -342,6 +376,7 @@ class UsageStreamProducer:
         spool_dir: Path,
         flush_interval_s: float,
         batch_size: int,
+        live_s: float = 30.0,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -354,6 +389,12 @@ class UsageStreamProducer:
         self._redis_down = False
         # When to look again for spool files that dead processes left (monotonic).
         self._next_spool_scan = 0.0
+        self.producer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.inflight_key = inflight_hash_key(stream, self.producer)
+        self._live_s = live_s
+        self._live_until = 0.0  # monotonic: when to say again that this process is alive
+        self._begun: dict[str, bytes] = {}  # in-flight entries to write: request id -> entry
+        self._begin_flush: asyncio.TimerHandle | None = None
 
     @classmethod
     def from_settings(cls) -> "UsageStreamProducer":
@@ -363,6 +404,7 @@ class UsageStreamProducer:
             spool_dir=Path(settings.VAR_DIR) / "usage-spool",
             flush_interval_s=settings.TOLLGATE_USAGE_FLUSH_SECONDS,
             batch_size=settings.TOLLGATE_USAGE_BATCH_SIZE,
+            live_s=settings.TOLLGATE_PROCESS_LIVE_SECONDS,
         )
 
     def add(self, record: UsageRecord) -> None:
@@ -370,6 +412,13 @@ class UsageStreamProducer:
         self._pending.append(record)
         if len(self._pending) >= self._batch_size:
             self._wake.set()
+
+    def begin(self, request_id: str, entry: bytes) -> None:
+        """Write `entry` ahead for a request with no reserve, within BEGIN_FLUSH_S."""
+        self._begun[request_id] = entry
+        if self._begin_flush is None:
+            loop = asyncio.get_running_loop()
+            self._begin_flush = loop.call_later(BEGIN_FLUSH_S, self._wake.set)
 
     @property
     def pending(self) -> int:
@@ -383,14 +432,31 @@ class UsageStreamProducer:
 
     async def run(self) -> None:
         """Flush every interval (or when a batch is full) until cancelled."""
+        wait_s = min(self._flush_interval_s, self._live_s / _LIVE_SAID_PER_TTL)
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
-            self._wake.clear()
             try:
+                await self._say_alive()
                 await self.flush()
             except Exception:
                 logger.exception("Flushing usage records failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            self._wake.clear()
+
+    async def _say_alive(self) -> None:
+        """Keep this process's in-flight entries from being taken for a dead one's."""
+        now = time.monotonic()
+        if now < self._live_until or self._redis_down:
+            return
+        self._live_until = now + self._live_s / _LIVE_SAID_PER_TTL
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                live_key = inflight_live_key(self.stream, self.producer)
+                pipe.set(live_key, 1, px=int(self._live_s * 1000))
+                pipe.sadd(inflight_producers_key(self.stream), self.producer)
+                await pipe.execute()
+        except _REDIS_FAILURES as exc:
+            self._note_redis_down(exc)
 
     async def flush(self) -> bool:
         """Move every pending record to Redis, or to the spool if Redis fails.
@@ -405,12 +471,17 @@ class UsageStreamProducer:
                 # The spool stays for the next flush; new records need not wait for it.
                 logger.exception("Replaying the usage spool failed")
                 redis_up = not self._redis_down
+            begun = self._begun_to_write()
+            if begun and redis_up and not self._pending:
+                with contextlib.suppress(*_REDIS_FAILURES):  # insurance only: not retried
+                    await self._send((), (), begun)
             while self._pending:
                 batch = self._pending[: self._batch_size]
-                payloads = self._encode(batch)
+                payloads, ids = self._encode(batch)
                 if redis_up:
                     try:
-                        await self._send(payloads)
+                        await self._send(payloads, ids, begun)
+                        begun = []
                     except _REDIS_FAILURES as exc:
                         self._note_redis_down(exc)
                         redis_up = False
@@ -426,29 +497,53 @@ class UsageStreamProducer:
                 del self._pending[: len(batch)]
             return True
 
+    def _begun_to_write(self) -> list[tuple[str, bytes]]:
+        """The entries handed to `begin`, but those whose record is ready to go."""
+        if self._begin_flush is not None:
+            self._begin_flush.cancel()
+            self._begin_flush = None
+        begun, self._begun = self._begun, {}
+        for record in self._pending:
+            begun.pop(record.event_id.hex, None)
+        return list(begun.items())
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self._spool.release)
         await self.client.aclose()
 
-    def _encode(self, batch: Sequence[UsageRecord]) -> list[bytes]:
-        payloads = []
+    def _encode(self, batch: Sequence[UsageRecord]) -> tuple[list[bytes], list[str]]:
+        """The records' payloads and request ids (a dropped record keeps its in-flight
+        entry, which becomes its event once this process is gone)."""
+        payloads, ids = [], []
         for record in batch:
             try:
                 payloads.append(usage_record_encode(record))
             except TypeError:
                 # A programming error in a new field; keeping it would block the queue.
                 logger.exception("Usage record %s cannot be serialised; dropped", record.event_id)
-        return payloads
+            else:
+                ids.append(record.event_id.hex)
+        return payloads, ids
 
-    async def _send(self, payloads: Sequence[bytes]) -> None:
-        """XADD the payloads in one round trip, all or none. Resent whole after a
-        failure whose outcome is unknown: the ledger ignores the duplicates."""
-        if not payloads:
+    async def _send(
+        self, payloads: Sequence[bytes], ids: Sequence[str],
+        begun: Sequence[tuple[str, bytes]] = (),
+    ) -> None:  # fmt: skip
+        """Write the `begun` in-flight entries, XADD the payloads and forget the entries of
+        `ids`, in one round trip, all or none. Resent whole after a failure whose outcome
+        is unknown: the ledger ignores the duplicates."""
+        if not payloads and not begun:
             return
+        keys_and_args: list[str | bytes | int] = [
+            self.stream, ENTRY_FIELD, self.inflight_key, len(begun), len(payloads),
+        ]  # fmt: skip
+        for request_id, entry in begun:
+            keys_and_args += (request_id, entry)
+        keys_and_args += (*payloads, *ids)
         try:
-            await self.client.evalsha(_XADD_BATCH_SHA, 2, self.stream, ENTRY_FIELD, *payloads)
+            await self.client.evalsha(_XADD_BATCH_SHA, 3, *keys_and_args)
         except redis.exceptions.NoScriptError:  # Redis restarted: EVAL loads the script
-            await self.client.eval(_XADD_BATCH_LUA, 2, self.stream, ENTRY_FIELD, *payloads)
+            await self.client.eval(_XADD_BATCH_LUA, 3, *keys_and_args)
 
     def _note_redis_down(self, exc: BaseException) -> None:
         if not self._redis_down:
@@ -488,7 +583,7 @@ class UsageStreamProducer:
                     )
                     if not lines:
                         break
-                    await self._send(lines)
+                    await self._send(lines, _request_ids(lines))
                     replayed += len(lines)
             except _REDIS_FAILURES as exc:
                 os.close(fd)
@@ -502,6 +597,15 @@ class UsageStreamProducer:
         if replayed:
             logger.warning("Replayed %d spooled usage records into the stream", replayed)
         return True
+
+
+def _request_ids(payloads: Sequence[bytes]) -> list[str]:
+    """The request ids of spooled records (a line that does not parse has none)."""
+    ids = []
+    for payload in payloads:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            ids.append(orjson.loads(payload)["event_id"].replace("-", ""))
+    return ids
 
 
 # Redis refusing, resetting or timing out; disk errors are not among them.

@@ -1,13 +1,16 @@
 """Celery tasks of the billing app."""
 
+import asyncio
 import logging
 import time
 
 from celery import shared_task
 from django.conf import settings
 
+from billing.inflight import inflight_reap
 from billing.stream import (
     DrainCounts,
+    usage_stream_async_client,
     usage_stream_client,
     usage_stream_consumer_name,
     usage_stream_drain,
@@ -31,6 +34,7 @@ def drain_usage_events() -> dict[str, int]:
     each entry to one consumer, and the ledger ignores an event it already has.
     """
     deadline = time.monotonic() + settings.TOLLGATE_USAGE_DRAIN_SECONDS
+    reaped = asyncio.run(_reap_dead_processes_entries())
     consumer = usage_stream_consumer_name()
     claim_idle_ms = int(settings.TOLLGATE_USAGE_CLAIM_IDLE_SECONDS * 1000)
     total = DrainCounts()
@@ -50,4 +54,15 @@ def drain_usage_events() -> dict[str, int]:
         client.close()
     if total.read:
         logger.info("Usage drain: %s", total)
-    return {"written": total.written, "dead": total.dead, "claimed": total.claimed}
+    return {
+        "written": total.written, "dead": total.dead, "claimed": total.claimed, "reaped": reaped,
+    }  # fmt: skip
+
+
+async def _reap_dead_processes_entries() -> int:
+    """Write the events dead web processes left in flight (billing/inflight.py)."""
+    client = usage_stream_async_client(settings.REDIS_URL)
+    try:
+        return await inflight_reap(client, settings.TOLLGATE_USAGE_STREAM)
+    finally:
+        await client.aclose()

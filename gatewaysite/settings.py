@@ -358,6 +358,9 @@ TOLLGATE_CONFIG_POLL_SECONDS = env_float("TOLLGATE_CONFIG_POLL_SECONDS", 1.0, mi
 # Usage events are written in batches off the request path.
 TOLLGATE_USAGE_FLUSH_SECONDS = env_float("TOLLGATE_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
 TOLLGATE_USAGE_BATCH_SIZE = env_int("TOLLGATE_USAGE_BATCH_SIZE", 500, minimum=1)
+# A web process silent this long is taken for dead, and the usage events of the requests
+# it was serving are written for it (billing/inflight.py).
+TOLLGATE_PROCESS_LIVE_SECONDS = env_float("TOLLGATE_PROCESS_LIVE_SECONDS", 30.0, minimum=1.0)
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env_int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 # Redis connections per web process (counters, cache, health); requests queue for one.
 TOLLGATE_REDIS_MAX_CONNECTIONS = env_int("TOLLGATE_REDIS_MAX_CONNECTIONS", 64, minimum=1)

@@ -108,6 +108,7 @@ async def _admit(
         ttl_s=hold_ttl_s(plan, snapshot, key.org_id),
         charges=rate_charges(key, estimate),
         fail_open=settings.TOLLGATE_LIMITS_FAIL_OPEN,
+        inflight=meter.inflight_entry(lines),
     )
 
 
@@ -297,17 +298,17 @@ async def _shadow_call(
     if key.budgets:
         # Shadow traffic spends the same budgets, so it is reserved like any request;
         # a mirror that does not fit is not sent (and costs nothing).
+        lines = budget_lines(key.budgets, mirrored.started_at)
         try:
             meter.admission = await admit(
-                counters=runtime.counters, key=key, request_id=mirrored.request_id,
-                lines=budget_lines(key.budgets, mirrored.started_at),
+                counters=runtime.counters, key=key, request_id=mirrored.request_id, lines=lines,
                 amount_nanos=deployment_max_cost(
                     shadow, snapshot, org_id=key.org_id,
                     input_tokens=prompt_tokens_ceiling(payload),
                     output_tokens=_asked_output(payload) or 0, at=mirrored.started_at,
                 ),
                 ttl_s=plan.deadline_s + shadow.total_timeout_s + HOLD_MARGIN_S, charges=(),
-                fail_open=False,
+                fail_open=False, inflight=meter.inflight_entry(lines),
             )  # fmt: skip
         except GatewayError as exc:
             logger.info("Shadow call to %s skipped: %s", shadow.name, exc.code)

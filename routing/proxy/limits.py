@@ -28,6 +28,7 @@ from billing.budget_counters import (
     BucketLevel,
     BudgetCounters,
     BudgetLine,
+    InflightEntry,
     RateBucket,
     RateCharge,
     ReserveResult,
@@ -424,16 +425,20 @@ async def admit(
     ttl_s: float,
     charges: Sequence[RateCharge],
     fail_open: bool,
+    inflight: InflightEntry | None = None,
 ) -> Admission | None:
     """Reserve on every budget line and take every rate charge, or raise 429.
 
     None when nothing applies (no counter call), or when the counters are
     unreachable and `fail_open` lets the request through unmetered by them.
+    An admitted request's `inflight` entry is stored with its holds.
     """
     if not lines and not charges:
         return None
     try:
-        result = await counters.reserve(request_id, lines, amount_nanos, ttl_s, charges)
+        result = await counters.reserve(
+            request_id, lines, amount_nanos, ttl_s, charges, inflight=inflight
+        )
         if result.status is ReserveStatus.MISSING:
             # First request of a period, or Redis lost its data: start from the ledger.
             try:
@@ -448,7 +453,9 @@ async def admit(
                     "Budgets cannot be checked right now; retry shortly.",
                     headers={"retry-after": "1"},
                 ) from exc
-            result = await counters.reserve(request_id, lines, amount_nanos, ttl_s, charges)
+            result = await counters.reserve(
+                request_id, lines, amount_nanos, ttl_s, charges, inflight=inflight
+            )
     except (RedisError, OSError) as exc:
         reserves_to_void.add(counters, request_id, lines, charges, ttl_s)
         if fail_open:

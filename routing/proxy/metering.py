@@ -1,12 +1,14 @@
 """Settling a request into exactly one usage event."""
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from billing.bodies import body_log_max_bytes
+from billing.budget_counters import BudgetLine, InflightEntry
 from billing.contracts import LoggedBodies, TokenUsage, UpstreamAttempt, UsageRecord
+from billing.inflight import inflight_payload
 from billing.models import UsageEvent
 from billing.pricing import cost_nanos
 from billing.stream import UsageSink
@@ -148,10 +150,35 @@ class Meter:
     def key(self) -> KeyContext:
         return self._key
 
+    def inflight_entry(self, lines: Sequence[BudgetLine]) -> InflightEntry | None:
+        """The write-ahead entry its reserve stores (billing/inflight.py), if its event
+        goes to Redis."""
+        hash_key = self._sink.inflight_key
+        return None if hash_key is None else InflightEntry(hash_key, self._inflight_payload(lines))
+
+    def _inflight_payload(self, lines: Sequence[BudgetLine] = ()) -> bytes:
+        """The request as known at admission, as its event would read should its process die."""
+        known: dict[str, object] = {
+            "org_id": self._key.org_id,
+            "team_id": self._key.team_id,
+            "key_id": self._key.key_id,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "started_at": self._request.started_at,
+            "route_id": self.route.route_id if self.route else None,
+            "is_stream": self.is_stream,
+            "tags": self.tags,
+            "end_user": self.end_user,
+        }
+        return inflight_payload(known, lines)
+
     def serving(self, deployment: DeploymentSpec) -> None:
         """An upstream attempt begins on `deployment`."""
         self.deployment = deployment
         self.attempts += 1
+        if self.attempts == 1 and self.admission is None and self._sink.inflight_key:
+            # No reserve wrote its in-flight entry (billing/inflight.py): write it now.
+            self._sink.begin(self._request.request_id, self._inflight_payload())
         self._attempt_notes.append((deployment, time.monotonic()))
         if self._trace is not None:
             self._trace.attempt_started(deployment, self.route)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +39,6 @@ from django.conf import settings
 from django.db import connection, transaction
 from openai import AsyncOpenAI, OpenAI
 
-from billing.budget_counters import RedisBudgetCounters, budget_line
 from billing.models import ModelPrice, UsageEvent
 from billing.stream import (
     USAGE_GROUP,
@@ -48,7 +48,7 @@ from billing.stream import (
 )
 from routing.models import Deployment, Provider, Route
 from routing.proxy.limits import HOLD_MARGIN_S
-from tenants.models import Budget, Organization, VirtualKey
+from tenants.models import Organization, VirtualKey
 from tenants.services import virtual_key_issue
 from tests.billing.test_stream import make_record
 from tests.conftest import TEST_ACTOR
@@ -85,6 +85,7 @@ DRAIN_S = 0.5  # TOLLGATE_USAGE_DRAIN_SECONDS: beat starts a drain this often
 RESTART_S = 3.0
 # The longest the ledger may take to catch up after a fault, on this loaded machine.
 CATCH_UP_S = 60.0
+LIVE_S = 2.0  # TOLLGATE_PROCESS_LIVE_SECONDS of the web workers
 
 
 # ---------------------------------------------------------------- the stack
@@ -179,6 +180,8 @@ def stack(
             "TOLLGATE_USAGE_FLUSH_SECONDS": "0.05",
             "TOLLGATE_BREAKER_FAILURES": "3",
             "TOLLGATE_BREAKER_COOLDOWN_SECONDS": "1.5",
+            # A killed web worker is taken for dead this soon (billing/inflight.py).
+            "TOLLGATE_PROCESS_LIVE_SECONDS": str(LIVE_S),
             # The mock provider listens on loopback.
             "TOLLGATE_PROVIDER_ALLOW_PRIVATE_NETWORKS": "true",
         }
@@ -683,19 +686,15 @@ def long_route(mock_url: str, org: Organization) -> Key:
     return key
 
 
-def test_a_web_worker_killed_mid_stream_cannot_meter_it_and_its_hold_expires(
-    procs: Stack, org: Organization, mock_url: str
-) -> None:
-    """SIGKILL of the web worker serving a stream: the client sees the connection drop and
-    the other worker keeps serving. The killed process cannot meter the stream it was
-    serving (its event is produced at the stream's end, in that process), so the request is
-    not in the ledger; its hold is not kept forever but expires after the hold's TTL."""
-    key = long_route(mock_url, org)
+def stream_killed_mid_way(procs: Stack, org: Organization, key: Key) -> UsageEvent:
+    """SIGKILL the web worker serving a long stream of `key`'s; once every request sent
+    (the stream and others, served by the other worker) is in the ledger, the stream's."""
     wait_for_routes(procs.gateway, key, "r", "long")
     procs.worker()
-    others = served_meanwhile(procs, key, 2)  # the key's budget counter is seeded
+    others = served_meanwhile(procs, key, 2)  # a budget's counter gets seeded
 
     stream = start_long_stream(procs, key)
+    killed_at = time.monotonic()
     os.kill(stream.worker, signal.SIGKILL)
     with pytest.raises((httpx2.TransportError, openai.APIConnectionError)):
         for _chunk in stream.rest:
@@ -703,35 +702,50 @@ def test_a_web_worker_killed_mid_stream_cannot_meter_it_and_its_hold_expires(
     others += served_meanwhile(procs, key, 5)  # by the other worker
     wait_for_replacement(procs, stream.worker)
 
-    wait_for_ledger(others, orgs=[org])  # the killed stream is not among them
-    budget = key_budget(procs.gateway, key)
-    assert Decimal(budget["reserved_usd"]) > 0, "the killed stream's hold"
-
-    # The hold's deadline, as the counters store it: its TTL after the request began.
-    record = Budget.objects.get(key=key.key)
-    line = budget_line(
-        budget_id=record.pk, period=record.period, time_zone=org.time_zone,
-        limit_nanos=record.limit_nanos, hard=True, at=datetime.now(UTC),
+    wait_for_ledger([*others, stream.request_id], orgs=[org])
+    assert time.monotonic() - killed_at < LONG_HOLD_TTL_S / 2, "written long before the TTL"
+    lost = UsageEvent.objects.get(pk=uuid.UUID(stream.request_id))
+    assert (lost.outcome, lost.error_class, lost.model, lost.is_stream) == (
+        UsageEvent.Outcome.UPSTREAM_ERROR, "worker_lost", "long", True,
     )  # fmt: skip
+    assert (lost.cost_nanos, lost.priced) == (0, False)
+    return lost
+
+
+def test_a_web_worker_killed_mid_stream_has_its_stream_metered_as_lost(
+    procs: Stack, org: Organization, mock_url: str
+) -> None:
+    """SIGKILL of the web worker serving a stream: the client sees the connection drop and
+    the other worker keeps serving. The killed process cannot write the stream's event, but
+    the stream's in-flight entry (written with its reserve, billing/inflight.py) becomes it
+    once the process has stopped saying it is alive: `worker_lost`, unpriced, at no cost.
+    Its hold is released then, long before the hold's own deadline, and a settle that came
+    late would take nothing: the counter keeps equal to the ledger."""
+    key = long_route(mock_url, org)
+    lost = stream_killed_mid_way(procs, org, key)
+    assert_budget_equals_ledger(procs.gateway, key)  # its hold released, nothing reserved
     client = procs.redis_client()
-    deadline = client.zscore(f"{line.key_prefix}:holds", stream.request_id)
-    client.close()
-    assert deadline is not None
-    assert 0 < deadline - stream.started_at - LONG_HOLD_TTL_S < 5.0
+    try:
+        settle_marker = client.get(f"tollgate:budget:settle:{lost.pk.hex}")
+    finally:
+        client.close()
+    assert settle_marker == b"void", "a late settle of the lost stream would take nothing"
 
-    async def reserved_at(moment: float) -> int:
-        """What the line holds, seen by the counters at `moment` (Unix time)."""
-        async_client = redis.asyncio.Redis.from_url(procs.redis.url)
-        try:
-            counters = RedisBudgetCounters(async_client, clock=lambda: moment)
-            (spend,) = await counters.spent([line])
-        finally:
-            await async_client.aclose()
-        return spend.reserved_nanos
 
-    assert asyncio.run(reserved_at(deadline - 1)) > 0
-    assert asyncio.run(reserved_at(deadline)) == 0  # expired: released
-    assert_budget_equals_ledger(procs.gateway, key)
+def test_a_web_worker_killed_mid_stream_of_a_key_with_no_limits_has_it_metered_as_lost(
+    procs: Stack, org: Organization, mock_url: str
+) -> None:
+    """No budget or rate limit, so no reserve: the stream's in-flight entry was written by
+    the usage producer when the stream called upstream, and becomes its event the same way."""
+    long_route(mock_url, org)
+    issued = virtual_key_issue(org=org, name="no limits", actor=TEST_ACTOR)
+    key = Key(issued.plaintext, issued.key, limit_nanos=0)
+    wait_for_routes(procs.gateway, key, "r", "long")
+    info = httpx.get(
+        f"{procs.gateway.v1}/key/info", headers={"authorization": f"Bearer {key.plaintext}"}
+    ).json()
+    assert (info["budgets"], info["rate_limits"]) == ([], []), info
+    stream_killed_mid_way(procs, org, key)
 
 
 def test_a_web_worker_stopped_with_sigterm_finishes_its_stream_and_meters_it(
