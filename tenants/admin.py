@@ -4,12 +4,15 @@ plaintext appears once in the confirmation message, only its prefix after."""
 import json
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from tenants.api_tokens import api_token_revoke
+from tenants.ip_allowlist import ip_allowlist_normalise
 from tenants.models import (
     APIToken,
     AuditLog,
@@ -157,15 +160,41 @@ class MembershipAdmin(AuditedAdmin):
     autocomplete_fields = ["user"]
 
 
+class VirtualKeyAdminForm(forms.ModelForm):
+    """A key as the admin edits it: its IP allowlist checked and stored as the API stores
+    it (canonical CIDRs), so a wrong entry is a form error."""
+
+    class Meta:
+        model = VirtualKey
+        fields = ["allowed_ips"]
+        help_texts = {
+            "allowed_ips": "A list of client IP addresses or networks (CIDR, IPv4 or IPv6), e.g. "
+            '["203.0.113.0/24", "2001:db8::/32"]; requests from elsewhere get 403. []: anywhere.'
+        }
+
+    def clean_allowed_ips(self) -> list[str]:
+        value = self.cleaned_data["allowed_ips"]
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValidationError('Give a list of IP addresses or networks, e.g. ["10.0.0.0/8"].')
+        try:
+            return ip_allowlist_normalise(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
 @admin.register(VirtualKey)
 class VirtualKeyAdmin(AuditedAdmin):
     list_display = ["name", "prefix", "org", "team", "expires_at", "revoked_at", "last_used_at"]
     list_filter = ["org", "revoked_at"]
     search_fields = ["name", "prefix"]
     readonly_fields = ["prefix", "last_used_at", "revoked_at", "created_at", "updated_at"]
+    form = VirtualKeyAdminForm
     fields = [
-        "org", "team", "owner", "name", "allowed_models", "expires_at", "rpm_limit", "tpm_limit",
-        "metadata", "prefix", "last_used_at", "revoked_at", "created_at", "updated_at",
+        "org", "team", "owner", "name", "allowed_models", "allowed_ips", "expires_at",
+        "rpm_limit", "tpm_limit", "metadata", "prefix", "last_used_at", "revoked_at",
+        "created_at", "updated_at",
     ]  # fmt: skip
     actions = ["revoke_keys"]
 
@@ -182,6 +211,7 @@ class VirtualKeyAdmin(AuditedAdmin):
             owner=obj.owner,
             name=obj.name,
             allowed_models=obj.allowed_models,
+            allowed_ips=obj.allowed_ips,
             expires_at=obj.expires_at,
             metadata=obj.metadata,
             rpm_limit=obj.rpm_limit,

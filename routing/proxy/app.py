@@ -18,19 +18,27 @@ from routing.proxy.http import (
     Send,
     StreamingResponse,
     error_response,
-    read_request,
+    read_body,
+    request_head,
     send_response,
     send_stream,
 )
 from routing.proxy.runtime import ProxyRuntime
+from routing.proxy.steps import authenticate
 from routing.proxy.tracing import tracing_start
+from routing.snapshot import ConfigSnapshot
+from tenants.contracts import KeyContext
 
 if TYPE_CHECKING:
     from routing.proxy.otel import Tracing
 
 logger = logging.getLogger(__name__)
 
-Endpoint = Callable[[ProxyRequest, ProxyRuntime], Awaitable[Response | StreamingResponse]]
+# Called with the request's key, authenticated against the snapshot it is served with.
+Endpoint = Callable[
+    [ProxyRequest, ProxyRuntime, ConfigSnapshot, KeyContext],
+    Awaitable[Response | StreamingResponse],
+]
 
 ENDPOINTS: dict[str, dict[str, Endpoint]] = {
     "/v1/chat/completions": {"POST": endpoints.chat_completions},
@@ -51,7 +59,9 @@ def _resolve(method: str, path: str) -> Endpoint:
     if methods is None and path.startswith(_MODEL_PATH) and len(path) > len(_MODEL_PATH):
         model = path[len(_MODEL_PATH) :]
         methods = {
-            "GET": lambda request, runtime: endpoints.retrieve_model(request, runtime, model)
+            "GET": lambda request, runtime, snapshot, key: endpoints.retrieve_model(
+                request, runtime, snapshot, key, model
+            )
         }
     if methods is None:
         raise NotFound(f"Unknown endpoint: {method} {path}", code="unknown_url")
@@ -119,11 +129,15 @@ class ProxyApp:
         anthropic = scope["path"].rstrip("/") in ANTHROPIC_FORMAT_PATHS
         try:
             endpoint = _resolve(scope["method"], scope["path"])
-            request = await read_request(
-                scope, receive, max_bytes=settings.TOLLGATE_MAX_REQUEST_BYTES
-            )
+            max_bytes = settings.TOLLGATE_MAX_REQUEST_BYTES
+            request = request_head(scope, max_bytes=max_bytes)
             request_id = request.request_id
-            response = await endpoint(request, self.runtime)
+            snapshot = self.runtime.snapshot
+            # Before the body: a client without a valid key cannot make the gateway
+            # buffer one (up to max_bytes per connection).
+            key = authenticate(request, snapshot)
+            request.body = await read_body(receive, max_bytes=max_bytes)
+            response = await endpoint(request, self.runtime, snapshot, key)
         except ClientGone:
             observe.request_finished(
                 scope, request_id=request_id, status=observe.CLIENT_DISCONNECTED, headers={},

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from django.conf import settings
+from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from billing.models import UsageEvent
@@ -39,7 +40,6 @@ from routing.proxy.metering import Meter
 from routing.proxy.runtime import ProxyRuntime
 from routing.proxy.steps import (
     apply_param_policy,
-    authenticate,
     end_user_of,
     model_name_storable,
     parse_attribution,
@@ -61,12 +61,11 @@ Outcome = UsageEvent.Outcome
 logger = logging.getLogger(__name__)
 
 
-def _authenticated(
-    request: ProxyRequest, runtime: ProxyRuntime, endpoint: str
-) -> tuple[ConfigSnapshot, KeyContext, Meter]:
-    """Authenticate against one snapshot and open the request's usage meter."""
-    snapshot = runtime.snapshot
-    key = authenticate(request, snapshot)
+def _metered(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    endpoint: str,
+) -> Meter:  # fmt: skip
+    """The usage meter of an authenticated request, with its tags and end user."""
     meter = Meter(
         request=request,
         key=key,
@@ -81,7 +80,7 @@ def _authenticated(
     except GatewayError as exc:
         meter.record_failure(exc)  # a rejected request is still metered, once
         raise
-    return snapshot, key, meter
+    return meter
 
 
 async def _admit(
@@ -336,10 +335,10 @@ async def _shadow_call(
 
 
 async def chat_completions(
-    request: ProxyRequest, runtime: ProxyRuntime
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext
 ) -> Response | StreamingResponse:
     """POST /v1/chat/completions (OpenAI format), streamed or not."""
-    snapshot, key, meter = _authenticated(request, runtime, "chat.completions")
+    meter = _metered(request, runtime, snapshot, key, "chat.completions")
     try:
         chat = parse_chat_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
@@ -420,9 +419,11 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
             meter.record(outcome=Outcome.SUCCESS, status_code=200, usage=stream.usage)
 
 
-async def messages(request: ProxyRequest, runtime: ProxyRuntime) -> Response | StreamingResponse:
+async def messages(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext
+) -> Response | StreamingResponse:
     """POST /v1/messages (Anthropic format), served by whichever provider the route names."""
-    snapshot, key, meter = _authenticated(request, runtime, "messages")
+    meter = _metered(request, runtime, snapshot, key, "messages")
     try:
         chat = parse_messages_request(request.body)
         meter.model, meter.is_stream = chat.model, chat.stream
@@ -480,9 +481,11 @@ async def _as_anthropic_events(
     yield b"".join(translator.finish(meter.last_usage))
 
 
-async def embeddings(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
+async def embeddings(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext
+) -> Response:
     """POST /v1/embeddings (OpenAI format)."""
-    snapshot, key, meter = _authenticated(request, runtime, "embeddings")
+    meter = _metered(request, runtime, snapshot, key, "embeddings")
     try:
         embedding_request = parse_embeddings_request(request.body)
         meter.model = embedding_request.model
@@ -529,18 +532,23 @@ def _model_object(plan: RoutePlan, key: KeyContext) -> dict[str, object]:
     return {"id": plan.model_name, "object": "model", "created": plan.created, "owned_by": owner}
 
 
-async def list_models(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
+async def list_models(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext
+) -> Response:
     """GET /v1/models: only the models this key may call."""
-    snapshot, key, meter = _authenticated(request, runtime, "models")
+    meter = _metered(request, runtime, snapshot, key, "models")
     data = [_model_object(plan, key) for plan in snapshot.plans_for(key)]
     meter.record(outcome=Outcome.SUCCESS, status_code=200)
     body = orjson.dumps({"object": "list", "data": data})
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})
 
 
-async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: str) -> Response:
+async def retrieve_model(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext,
+    model: str,
+) -> Response:  # fmt: skip
     """GET /v1/models/{model}: 404 unless this key may call it."""
-    snapshot, key, meter = _authenticated(request, runtime, "models")
+    meter = _metered(request, runtime, snapshot, key, "models")
     # From the URL: a name the ledger cannot store is recorded without it.
     meter.model = model if model_name_storable(model) else ""
     plan = snapshot.route_for(org_id=key.org_id, model=model)
@@ -556,12 +564,14 @@ async def retrieve_model(request: ProxyRequest, runtime: ProxyRuntime, model: st
     return Response(status=200, body=body, headers={"x-request-id": request.request_id})
 
 
-async def key_info(request: ProxyRequest, runtime: ProxyRuntime) -> Response:
+async def key_info(
+    request: ProxyRequest, runtime: ProxyRuntime, snapshot: ConfigSnapshot, key: KeyContext
+) -> Response:
     """GET /v1/key/info: the calling key's own limits, budgets left and reset times."""
-    _, key, meter = _authenticated(request, runtime, "key.info")
+    meter = _metered(request, runtime, snapshot, key, "key.info")
     try:
         report = await key_limits_report(runtime.counters, key, request.started_at)
-    except (RedisError, OSError) as exc:
+    except (RedisError, OSError, DatabaseError) as exc:  # DatabaseError: seeding from the ledger
         failure = LimitsUnavailable(
             "Budgets and rate limits cannot be read right now; retry shortly.",
             headers={"retry-after": "1"},

@@ -80,8 +80,8 @@ def error_response(
     return Response(status=exc.status, body=body, headers=headers)
 
 
-async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> ProxyRequest:
-    """Read the request, refusing bodies over `max_bytes` before buffering them."""
+def request_head(scope: Scope, *, max_bytes: int) -> ProxyRequest:
+    """The request without its body; 413 if its declared length is over `max_bytes`."""
     headers = {
         name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
     }
@@ -102,6 +102,11 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Pro
             raise InvalidRequest("Content-Length is not a number.")
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
+    return request
+
+
+async def read_body(receive: Receive, *, max_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as it grows over `max_bytes`."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -114,8 +119,13 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Pro
             raise _too_large(max_bytes)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    request.body = b"".join(chunks)
+            return b"".join(chunks)
+
+
+async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> ProxyRequest:
+    """Read the request, refusing bodies over `max_bytes` before buffering them."""
+    request = request_head(scope, max_bytes=max_bytes)
+    request.body = await read_body(receive, max_bytes=max_bytes)
     return request
 
 

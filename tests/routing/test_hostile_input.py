@@ -46,8 +46,16 @@ from routing.tokens import (
     input_tokens_ceiling,
     prompt_tokens_ceiling,
 )
-from tests.conftest import IssueKey, MakeRoute
-from tests.support.gateway import TEST_MAX_REQUEST_BYTES, GatewayServer, wait_for_events
+from tenants.keys import key_prefix
+from tenants.models import VirtualKey
+from tenants.services import virtual_key_revoke
+from tests.conftest import TEST_ACTOR, IssueKey, MakeRoute
+from tests.support.gateway import (
+    TEST_MAX_REQUEST_BYTES,
+    GatewayServer,
+    wait_for_events,
+    wait_until,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -769,6 +777,53 @@ def test_declared_length_over_the_limit_is_refused_before_the_body_is_sent(
         response = raw_exchange(target.gateway, request)
         assert_raw_error(response, 413, anthropic=anthropic)
         assert time.monotonic() - started < 5
+    assert_serves_normally(target, http)
+
+
+def test_request_without_a_valid_key_is_refused_before_its_body_is_read(
+    target: Target, http: httpx.Client, org, live_key: IssueKey
+) -> None:
+    # Headers announcing a body within the limit, and no body: a caller with a valid key
+    # would be waited for, a stranger gets the 401 at once, so it cannot make the gateway
+    # buffer the limit's worth of body per connection.
+    revoked = live_key(org, name="revoked")
+    virtual_key_revoke(key=VirtualKey.objects.get(prefix=key_prefix(revoked)), actor=TEST_ACTOR)
+    wait_until(
+        lambda: (
+            http.get(f"{target.gateway.v1}/models", headers=target.auth(revoked)).status_code == 401
+        ),
+        what="the revoked key to stop working",
+    )
+    wrong = target.key[:-1] + ("A" if target.key[-1] != "A" else "B")
+    cases = [
+        ("/v1/chat/completions", f"authorization: Bearer {wrong}", "invalid_api_key"),
+        ("/v1/chat/completions", "x-tollgate-user: no key at all", "missing_api_key"),
+        ("/v1/chat/completions", f"authorization: Bearer {revoked}", "invalid_api_key"),
+        ("/v1/messages", f"x-api-key: {wrong}", None),
+    ]
+    for path, auth, code in cases:
+        head = b"\r\n".join([
+            f"POST {path} HTTP/1.1".encode(), b"host: 127.0.0.1", auth.encode(),
+            b"content-type: application/json",
+            f"content-length: {TEST_MAX_REQUEST_BYTES}".encode(),
+        ])  # fmt: skip
+        with _connect(target.gateway) as sock:
+            sock.settimeout(5.0)  # waiting for a body that never comes would time out
+            sock.sendall(head + b"\r\n\r\n")
+            response = _read_response(sock)
+        error = assert_raw_error(response, 401, anthropic=code is None, code=code)
+        assert response is not None and response.headers[b"x-request-id"], (path, auth)
+        if code is None:
+            assert error["type"] == "authentication_error"
+    # A client that sends its body anyway (an SDK with a wrong key) keeps its connection:
+    # the unread body is skipped and the next request on it is served.
+    padded = {**VALID_CHAT, "metadata": {"pad": "x" * (TEST_MAX_REQUEST_BYTES // 2)}}
+    with httpx.Client(timeout=CLIENT_TIMEOUT_S, limits=httpx.Limits(max_connections=1)) as one:
+        chat_url = f"{target.gateway.v1}/chat/completions"
+        refused = one.post(chat_url, json=padded, headers=target.auth(wrong))
+        assert refused.status_code == 401, refused.text
+        served = one.post(chat_url, json=VALID_CHAT, headers=target.auth())
+        assert served.status_code == 200, served.text
     assert_serves_normally(target, http)
 
 

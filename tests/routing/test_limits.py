@@ -5,6 +5,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 
 import anthropic
 import httpx
@@ -25,10 +26,13 @@ from tests.support.gateway import (
     GatewayServer,
     chat_burst,
     gateway_server,
+    wait_for_config,
     wait_for_events,
     wait_for_key,
     wait_until,
 )
+from tests.support.halves import production_half_only
+from tests.support.tcp_relay import relay_to_test_database, relayed_database_url
 from tests.support.webhooks import webhook_receiver
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -355,3 +359,61 @@ def test_without_its_counters_a_limited_key_is_refused_and_others_are_served(
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "limits_unavailable"
     assert refused.headers["retry-after"] == "1"
+
+
+# ---------------------------------------------------------------- the ledger out of reach
+
+
+@production_half_only
+@pytest.mark.parametrize("fail_open", [False, True], ids=["default-fail-closed", "fail-open"])
+def test_budget_counters_that_cannot_be_seeded_while_postgres_is_away(
+    gateway: GatewayServer, org: Organization, capped: None, issue_key: IssueKey, fail_open: bool
+) -> None:
+    """A budget's first request of a period seeds its counters from the ledger. With
+    PostgreSQL away (the gateway reaches it through a relay, then cut) it cannot: the
+    request gets 503 limits_unavailable, or is served outside the counters when failing
+    open. Once PostgreSQL is back the counters are seeded, the outage's spend included,
+    and requests are admitted and metered as usual. (`gateway` for its Celery worker,
+    which writes this test's usage without the relay.)"""
+    budget(org, 100 * MAX_COST)
+    key = issue_key(org)  # a new budget: no counters in Redis yet
+    chats = UsageEvent.objects.filter(org=org, endpoint="chat.completions")
+    env = {"TOLLGATE_LIMITS_FAIL_OPEN": "true"} if fail_open else {}
+    with (
+        relay_to_test_database() as relay,
+        gateway_server(DATABASE_URL=relayed_database_url(relay), **env) as relayed,
+        httpx.Client(base_url=relayed.v1, headers={"authorization": f"Bearer {key}"},
+                     timeout=60) as client,
+    ):  # fmt: skip
+        wait_for_config(relayed, key, "capped")
+        relay.cut()  # PostgreSQL restarting: connections reset, new ones refused
+        chat = {"model": "capped", "messages": HELLO, "max_tokens": OUTPUT}
+        during = client.post("/chat/completions", json=chat)
+        if fail_open:
+            assert during.status_code == 200, during.text
+        else:
+            assert during.status_code == 503, during.text
+            assert during.json()["error"]["code"] == "limits_unavailable"
+            assert during.headers["retry-after"] == "1"
+        report = client.get("/key/info")  # it reads the same counters
+        assert report.status_code == 503, report.text
+        assert report.json()["error"]["code"] == "limits_unavailable"
+        (outage,) = wait_for_events(chats.all(), 1)
+        assert (outage.outcome, outage.cost_nanos) == (
+            ("success", ACTUAL_COST) if fail_open else ("client_error", 0)
+        )
+
+        relay.restore()
+        # The pool reconnects with backoff; /v1/key/info spends nothing meanwhile.
+        wait_until(
+            lambda: client.get("/key/info").status_code == 200, timeout_s=60,
+            what="the gateway to reach PostgreSQL again",
+        )  # fmt: skip
+        after = client.post("/chat/completions", json=chat)
+        assert after.status_code == 200, after.text
+        events = wait_for_events(chats.all(), 2)
+        (counted,) = client.get("/key/info").json()["budgets"]
+    spent = sum(event.cost_nanos for event in events)
+    assert spent == ACTUAL_COST * (2 if fail_open else 1)
+    assert Decimal(counted["spent_usd"]).scaleb(9) == spent
+    assert Decimal(counted["reserved_usd"]) == 0
