@@ -184,11 +184,11 @@ elseif op == 'void' then
   end
   return {0}
 elseif op == 'abandon' then
-  -- Its process died (billing/inflight.py): an unsettled request is voided, its holds
-  -- released, and answers {0}; a settled one answers {1, the nanos it settled}.
+  -- Its process died (billing/inflight.py): a settled request answers {1, the nanos it
+  -- settled}; any other is voided (if not already), its holds released, and answers {0}.
   if not redis.call('SET', KEYS[1], 'void', 'NX', 'EX', ARGV[7]) then
-    local settled = redis.call('GET', KEYS[1])
-    return {1, tonumber(settled) or 0}
+    local settled = tonumber(redis.call('GET', KEYS[1]))
+    if settled then return {1, settled} end
   end
   for i = 1, n do
     local _, reserved, holds, amounts = keys(i)

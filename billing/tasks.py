@@ -32,9 +32,15 @@ def drain_usage_events() -> dict[str, int]:
     Beat starts one every TOLLGATE_USAGE_DRAIN_SECONDS, so one is nearly
     always reading. Overlapping runs are harmless: the consumer group hands
     each entry to one consumer, and the ledger ignores an event it already has.
+    Each run first writes the events that dead web processes left in flight.
     """
     deadline = time.monotonic() + settings.TOLLGATE_USAGE_DRAIN_SECONDS
-    reaped = asyncio.run(_reap_dead_processes_entries())
+    try:
+        reaped = asyncio.run(_reap_dead_processes_entries())
+    except Exception:
+        # Ingestion must not wait on it: the entries stay for the next drain.
+        logger.exception("Writing the usage events of dead web processes failed")
+        reaped = 0
     consumer = usage_stream_consumer_name()
     claim_idle_ms = int(settings.TOLLGATE_USAGE_CLAIM_IDLE_SECONDS * 1000)
     total = DrainCounts()
