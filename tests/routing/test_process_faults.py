@@ -57,7 +57,6 @@ from tests.support.gateway import (
     GatewayServer,
     celery_process,
     database_env,
-    wait_for_config,
     wait_until,
 )
 from tests.support.halves import needs_redis_server, production_half_only
@@ -248,12 +247,24 @@ def issue(org: Organization, name: str, *, budget_nanos: int) -> Key:
     return Key(issued.plaintext, issued.key, budget_nanos)
 
 
-def wait_for_routes(gateway: GatewayServer, key: Key, *models: str) -> None:
-    """Both web workers serve the routes: each polls the configuration every 0.05 s, so a
-    few polls after one lists them, the other does too."""
-    for model in models:
-        wait_for_config(gateway, key.plaintext, model)
-    time.sleep(0.5)
+def wait_for_routes(stack: Stack, key: Key, *models: str) -> None:
+    """Every web worker serves the key and its routes. The workers share one listening
+    socket, so fresh connections are made until each worker has answered one listing
+    every model (a worker's configuration only moves forward)."""
+    ready: set[int] = set()
+
+    def every_worker_lists_them() -> bool:
+        with httpx.Client(base_url=stack.gateway.v1, timeout=10) as client:
+            response = client.get("/models", headers={"authorization": f"Bearer {key.plaintext}"})
+            listed = response.status_code == 200 and set(models) <= {
+                item["id"] for item in response.json()["data"]
+            }
+            if listed:
+                _host, port = response.extensions["network_stream"].get_extra_info("client_addr")
+                ready.add(serving_worker(stack, port))
+        return ready >= set(stack.web_workers())
+
+    wait_until(every_worker_lists_them, timeout_s=30, what=f"every web worker to route {models}")
 
 
 # ---------------------------------------------------------------- traffic
@@ -429,7 +440,7 @@ def test_postgres_restarting_during_traffic_serves_every_request_and_ingestion_c
     worker's drains fail, and once the database is back they write every event, once."""
     add_route(mock_url, org, "r", ("m", {}))
     key = issue(org, "restart", budget_nanos=1_000_000_000)
-    wait_for_routes(procs.gateway, key, "r")
+    wait_for_routes(procs, key, "r")
     procs.worker()
 
     with Traffic(procs.gateway, lambda n: (key, "r", n % 2 == 0), concurrency=4) as traffic:
@@ -482,7 +493,7 @@ def test_postgres_restarting_mid_batch_loses_nothing_and_counts_nothing_twice(
     worker writes them again once the database is back; nothing lost, nothing twice."""
     add_route(mock_url, org, "r", ("m", {}))
     key = issue(org, "backlog", budget_nanos=1_000_000_000)
-    wait_for_routes(procs.gateway, key, "r")
+    wait_for_routes(procs, key, "r")
     # The backlog: 200 requests' events, and 6,000 more appended straight to the stream.
     with Traffic(procs.gateway, lambda n: (key, "r", n % 2 == 0), concurrency=8) as traffic:
         traffic.wait_for(200)
@@ -553,7 +564,7 @@ def test_a_celery_worker_killed_mid_batch_under_live_traffic_loses_nothing(
     idle TOLLGATE_USAGE_CLAIM_IDLE_SECONDS, and ingests everything, once."""
     add_route(mock_url, org, "r", ("m", {}))
     key = issue(org, "worker", budget_nanos=1_000_000_000)
-    wait_for_routes(procs.gateway, key, "r")
+    wait_for_routes(procs, key, "r")
     stream = settings.TOLLGATE_USAGE_STREAM
     client = procs.redis_client()
 
@@ -689,7 +700,7 @@ def long_route(mock_url: str, org: Organization) -> Key:
 def stream_killed_mid_way(procs: Stack, org: Organization, key: Key) -> UsageEvent:
     """SIGKILL the web worker serving a long stream of `key`'s; once every request sent
     (the stream and others, served by the other worker) is in the ledger, the stream's."""
-    wait_for_routes(procs.gateway, key, "r", "long")
+    wait_for_routes(procs, key, "r", "long")
     procs.worker()
     others = served_meanwhile(procs, key, 2)  # a budget's counter gets seeded
 
@@ -740,7 +751,7 @@ def test_a_web_worker_killed_mid_stream_of_a_key_with_no_limits_has_it_metered_a
     long_route(mock_url, org)
     issued = virtual_key_issue(org=org, name="no limits", actor=TEST_ACTOR)
     key = Key(issued.plaintext, issued.key, limit_nanos=0)
-    wait_for_routes(procs.gateway, key, "r", "long")
+    wait_for_routes(procs, key, "r", "long")
     info = httpx.get(
         f"{procs.gateway.v1}/key/info", headers={"authorization": f"Bearer {key.plaintext}"}
     ).json()
@@ -755,7 +766,7 @@ def test_a_web_worker_stopped_with_sigterm_finishes_its_stream_and_meters_it(
     the stream in flight finish, then the proxy settles and flushes its usage; the other
     worker serves meanwhile."""
     key = long_route(mock_url, org)
-    wait_for_routes(procs.gateway, key, "r", "long")
+    wait_for_routes(procs, key, "r", "long")
     procs.worker()
 
     stream = start_long_stream(procs, key)
@@ -814,7 +825,7 @@ def test_a_load_run_with_faults_injected_ends_with_events_equal_to_requests(
         issue(org, "spent mid-run", budget_nanos=100_000_000),
         issue(org, "roomy", budget_nanos=1_000_000_000),
     ]
-    wait_for_routes(procs.gateway, keys[0], *(model for model, *_ in LOAD_ROUTES))
+    wait_for_routes(procs, keys[0], *(model for model, *_ in LOAD_ROUTES))
     worker = procs.worker()
 
     def pick(n: int) -> tuple[Key, str, bool]:
