@@ -445,27 +445,13 @@ async def admit(
                 await seed_once(counters, result.missing)
             except DatabaseError as exc:
                 # The ledger is out of reach (PostgreSQL restarting): nothing to start from.
-                if fail_open:
-                    logger.error("Budget counters unseeded (%s): admitting unmetered", exc)
-                    return None
-                logger.error("Budget counters cannot be seeded from the ledger (%s)", exc)
-                raise LimitsUnavailable(
-                    "Budgets cannot be checked right now; retry shortly.",
-                    headers={"retry-after": "1"},
-                ) from exc
+                return _unchecked(exc, fail_open=fail_open, what="Budgets")
             result = await counters.reserve(
                 request_id, lines, amount_nanos, ttl_s, charges, inflight=inflight
             )
     except (RedisError, OSError) as exc:
         reserves_to_void.add(counters, request_id, lines, charges, ttl_s)
-        if fail_open:
-            logger.error("Budget and rate counters unreachable (%s): admitting unmetered", exc)
-            return None
-        logger.error("Budget and rate counters unreachable (%s): refusing", exc)
-        raise LimitsUnavailable(
-            "Budgets and rate limits cannot be checked right now; retry shortly.",
-            headers={"retry-after": "1"},
-        ) from exc
+        return _unchecked(exc, fail_open=fail_open, what="Budgets and rate limits")
     if result.status is ReserveStatus.EXCEEDED:
         raise _budget_refusal(result, key)
     if result.status is ReserveStatus.RATE_LIMITED:
@@ -477,6 +463,18 @@ async def admit(
             "Budgets cannot be checked right now; retry shortly.", headers={"retry-after": "1"}
         )
     return Admission(counters, request_id, lines, charges, result.levels)
+
+
+def _unchecked(exc: Exception, *, fail_open: bool, what: str) -> None:
+    """The limits cannot be checked (`exc`): admit unmetered if failing open (None),
+    else refuse with 503 `limits_unavailable`."""
+    if fail_open:
+        logger.error("%s cannot be checked (%s): admitting unmetered", what, exc)
+        return None
+    logger.error("%s cannot be checked (%s): refusing", what, exc)
+    raise LimitsUnavailable(
+        f"{what} cannot be checked right now; retry shortly.", headers={"retry-after": "1"}
+    ) from exc
 
 
 def _iso(instant: datetime | None) -> str | None:
