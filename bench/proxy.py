@@ -52,6 +52,8 @@ BENCH_ENV = {
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 # Streams: 16 words 5 ms apart, so a gateway that holds chunks back shows it.
 MOCK_CHUNK_DELAY_MS = 5
+# As the Procfile serves it (gatewaysite/http_server.py: head and first bytes in one write).
+HTTP_PROTOCOL = "gatewaysite.http_server:GatewayHttpProtocol"
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def _start_stack(stack: Stack, args: argparse.Namespace, models: list[str]) -> d
     web = stack.start(
         "tollgate-web",
         [str(VENV_PY), "-m", "uvicorn", "gatewaysite.asgi:application", "--host", "127.0.0.1",
-         "--port", str(web_port), "--workers", "1", "--no-access-log"],
+         "--port", str(web_port), "--workers", "1", "--no-access-log", "--http", HTTP_PROTOCOL],
         cpu=GATEWAY_CPU, env=env,
     )  # fmt: skip
     celery = [str(VENV_PY), "-m", "celery", "-A", "gatewaysite"]

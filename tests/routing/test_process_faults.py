@@ -46,6 +46,7 @@ from billing.stream import (
     usage_record_decode,
     usage_stream_async_client,
 )
+from gatewaysite.http_server import HTTP_PROTOCOL
 from routing.models import Deployment, Provider, Route
 from routing.proxy.limits import HOLD_MARGIN_S
 from tenants.models import Organization, VirtualKey
@@ -145,7 +146,7 @@ def web_server(env: dict[str, str], *, workers: int) -> Iterator[tuple[GatewaySe
     port = free_port()
     args = [
         sys.executable, "-m", "uvicorn", "gatewaysite.asgi:application", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", str(workers), "--no-access-log",
+        "--port", str(port), "--workers", str(workers), "--no-access-log", "--http", HTTP_PROTOCOL,
     ]  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     with running_process(

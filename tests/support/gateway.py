@@ -18,6 +18,7 @@ import redis
 from django.conf import settings
 from django.db import connection
 
+from gatewaysite.http_server import HTTP_PROTOCOL
 from tests.support.processes import REPO_ROOT, free_port, running_process, stop_group
 
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def gateway_server(**extra_env: str) -> Iterator[GatewayServer]:
     }
     args = [
         sys.executable, "-m", "uvicorn", "gatewaysite.asgi:application",
-        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--http", HTTP_PROTOCOL,
     ]  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     with running_process(args, env=env, ready_url=f"{base_url}/v1/models", cwd=REPO_ROOT):

@@ -16,6 +16,7 @@ import orjson
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from gatewaysite.http_server import HTTP_PROTOCOL
 from tests.support.gateway import ALERTS_ENV, LOOPBACK_PROVIDERS_ENV, GatewayServer, database_env
 from tests.support.processes import REPO_ROOT, free_port, stop_group
 
@@ -95,6 +96,8 @@ def logged_gateway(log_path: Path, **extra_env: str) -> Iterator[GatewayServer]:
         "--port",
         str(port),
         "--no-access-log",
+        "--http",
+        HTTP_PROTOCOL,
     ]
     base_url = f"http://127.0.0.1:{port}"
     with logged_process(
