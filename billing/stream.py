@@ -474,7 +474,7 @@ class UsageStreamProducer:
             self._note_redis_down(exc)
 
     async def flush(self) -> bool:
-        """Move every pending record to Redis, or to the spool if Redis fails.
+        """Move the records pending now to Redis, or to the spool if Redis fails.
 
         Spooled records are replayed first. Returns False only if a batch could
         go nowhere (Redis and the disk both failing); it stays pending.
@@ -490,8 +490,13 @@ class UsageStreamProducer:
             if begun and redis_up and not self._pending:
                 with contextlib.suppress(*_REDIS_FAILURES):  # insurance only: not retried
                     await self._send((), (), begun)
-            while self._pending:
-                batch = self._pending[: self._batch_size]
+            # Only what is pending now: records added while a batch is on its way wait
+            # for the next flush. Sending them too would, on a busy event loop, chain
+            # small batches back to back, each one more script call for Redis and one
+            # more transaction for ingestion.
+            due = len(self._pending)
+            while due > 0:
+                batch = self._pending[: min(self._batch_size, due)]
                 payloads, ids = self._encode(batch)
                 if redis_up:
                     try:
@@ -510,6 +515,7 @@ class UsageStreamProducer:
                         )
                         return False
                 del self._pending[: len(batch)]
+                due -= len(batch)
             return True
 
     def _begun_to_write(self) -> list[tuple[str, bytes]]:

@@ -193,9 +193,10 @@ class ProxyRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for _attempt in range(3):
-            if await self.usage.flush():
-                break
-            await asyncio.sleep(0.5)
+            if not await self.usage.flush():
+                await asyncio.sleep(0.5)  # Redis and the spool both failing: once more
+            elif not self.usage.pending:
+                break  # (a flush sends what it found; a late settle's record goes next)
         if self.usage.pending:
             logger.error("Shutting down with %d usage events unwritten", self.usage.pending)
         if isinstance(self.usage, UsageStreamProducer):

@@ -197,6 +197,41 @@ def test_producer_to_ledger_writes_every_record_once_and_empties_the_stream(
 
 @needs_redis
 @pytest.mark.django_db(transaction=True)
+def test_records_added_while_a_flush_is_sending_wait_for_the_next_flush(
+    client: redis.Redis, stream: str, key: VirtualKey, tmp_path: Path
+) -> None:
+    """On a busy event loop a send takes a while: a flush that also sent what arrived
+    meanwhile would chain small batches back to back instead of one per interval."""
+
+    async def produce() -> tuple[list[int], int]:
+        producer = producer_for(usage_stream_async_client(settings.REDIS_URL), stream, tmp_path)
+        sent_batches: list[int] = []
+        send = producer._send
+
+        async def slow_send(payloads: Any, ids: Any, begun: Any = ()) -> None:
+            sent_batches.append(len(payloads))
+            if len(sent_batches) <= 2:
+                for _ in range(5):
+                    producer.add(make_record(key))  # requests finishing while it is sent
+            await send(payloads, ids, begun)
+
+        producer._send = slow_send  # type: ignore[method-assign]
+        for _ in range(30):
+            producer.add(make_record(key))
+        assert await producer.flush()
+        left = producer.pending
+        assert await producer.flush()
+        await producer.aclose()
+        return sent_batches, left
+
+    sent_batches, left = asyncio.run(produce())
+    assert sent_batches == [30, 5]
+    assert left == 5
+    assert client.xlen(stream) == 35
+
+
+@needs_redis
+@pytest.mark.django_db(transaction=True)
 def test_an_entry_delivered_twice_is_counted_once(
     client: redis.Redis, stream: str, key: VirtualKey
 ) -> None:
