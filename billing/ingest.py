@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import orjson
-from django.db import IntegrityError, connection, models, transaction
+from django.db import DataError, IntegrityError, connection, models, transaction
 from django.db.models import Case, DateTimeField, Value, When
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
@@ -24,7 +24,7 @@ from django.utils import timezone
 from billing.contracts import LoggedBodies, UpstreamAttempt, UsageRecord
 from billing.live import usage_live_publish
 from billing.models import UsageEvent, UsageEventBody
-from tenants.models import VirtualKey
+from tenants.models import Organization, VirtualKey
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,12 @@ def _write_one_detached(event: UsageEvent) -> None:
     """Store one event, dropping links to a key or team deleted since the request.
 
     An event whose organization is gone cannot be attributed to anyone: it is
-    logged and dropped rather than blocking every event queued behind it.
+    logged and dropped rather than blocking every event queued behind it. One
+    whose organization exists was refused for a value (a check such as a negative
+    count): that is raised as a DataError, which the stream's drain sets aside in
+    its dead-letter stream rather than losing it.
     """
+    refusal: IntegrityError | None = None
     for detach in (False, True):
         if detach:
             # The cost stays exact even if the price row it came from is gone.
@@ -193,8 +197,10 @@ def _write_one_detached(event: UsageEvent) -> None:
             with transaction.atomic():
                 UsageEvent.objects.bulk_create([event], ignore_conflicts=True)
             return
-        except IntegrityError:
-            continue
+        except IntegrityError as exc:
+            refusal = exc
+    if Organization.objects.filter(pk=event.org_id).exists():
+        raise DataError(f"usage event {event.id} refused: {refusal}") from refusal
     logger.error("Usage event %s dropped: its organization no longer exists", event.id)
 
 
@@ -321,6 +327,24 @@ def _copy_statements(
     )
 
 
+def _write_setting_aside_refused(records: Sequence[UsageRecord]) -> None:
+    """Write `records`; one the ledger refuses as data is logged and dropped, else it
+    would be retried forever and hold back every event behind it (a process writing
+    its own usage has no dead-letter stream)."""
+    try:
+        usage_events_write(records)
+        return
+    except DataError:
+        pass
+    for record in records:
+        try:
+            usage_events_write([record])
+        except DataError as exc:
+            logger.error(
+                "Usage event %s refused by the database, dropped: %s", record.event_id, exc
+            )
+
+
 class UsageBuffer:
     """Batches usage records from the event loop into the ledger."""
 
@@ -367,7 +391,7 @@ class UsageBuffer:
         while self._pending:
             batch = self._pending[: self._batch_size]
             try:
-                await self._run_sync(lambda batch=batch: usage_events_write(batch))  # type: ignore[misc]
+                await self._run_sync(lambda batch=batch: _write_setting_aside_refused(batch))  # type: ignore[misc]
             except Exception:
                 self._failures += 1
                 logger.exception(

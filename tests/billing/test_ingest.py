@@ -395,6 +395,24 @@ async def test_buffer_flush_writes_every_record_through_run_sync(key: VirtualKey
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
+async def test_buffer_drops_a_record_the_ledger_refuses_and_writes_the_others(
+    key: VirtualKey,
+) -> None:
+    """Retried forever, a refused record would hold back every event behind it."""
+    buffer = UsageBuffer(run_sync=FlakyRunner(), flush_interval_s=60, batch_size=10)
+    good = [record(key, cost_nanos=3) for _ in range(2)]
+    refused = record(key, usage=TokenUsage(input_tokens=1, output_tokens=-1))
+    for item in (good[0], refused, good[1]):
+        buffer.add(item)
+
+    assert await buffer.flush() is True
+
+    assert buffer.pending == 0
+    assert sorted(await in_thread(stored_event_ids)) == sorted(r.event_id for r in good)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
 async def test_buffer_keeps_records_when_run_sync_fails_and_writes_them_once_later(
     key: VirtualKey,
 ) -> None:

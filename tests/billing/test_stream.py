@@ -368,6 +368,27 @@ def test_malformed_entries_go_to_the_dead_letters_and_the_queue_moves_on(
 
 
 @needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_an_entry_the_ledger_s_checks_refuse_is_dead_lettered_not_dropped(
+    client: redis.Redis, stream: str, key: VirtualKey
+) -> None:
+    """Refused by a check (a negative count) rather than by a deleted owner: kept for a
+    person to look at, as a value out of range is."""
+    good = make_record(key, cost_nanos=5)
+    negative = make_record(key, usage=TokenUsage(input_tokens=10, output_tokens=-5))
+    push(client, stream, usage_record_encode(negative), usage_record_encode(good))
+
+    counts = drain(client, stream)
+
+    assert (counts.written, counts.dead) == (1, 1)
+    assert ledger() == {"events": 1, "cost_nanos": 5}
+    dead = client.xrange(dead_letter_stream(stream))
+    assert [fields[ENTRY_FIELD] for _id, fields in dead] == [usage_record_encode(negative)]
+    assert "refused by the database" in dead[0][1][b"dead_reason"].decode()
+    assert pending(client, stream) == 0
+
+
+@needs_redis
 def test_idle_consumers_are_forgotten_unless_they_hold_entries(
     client: redis.Redis, stream: str
 ) -> None:
