@@ -42,11 +42,14 @@ class HeadHoldingTransport:
         self._transport.write(data)
 
     def flush(self) -> None:
-        """Send the held head now, if it is still held."""
+        """Send the held head now, if it is still held and the connection still open."""
         if self._held is not None:
             held = self._held
             self._release_hold()
-            self._transport.write(held)
+            # The client may have gone within the hold (uvloop raises on a closed
+            # transport; uvicorn itself stops writing once it sees the disconnect).
+            if not self._transport.is_closing():
+                self._transport.write(held)
 
     def _release_hold(self) -> None:
         self._held = None

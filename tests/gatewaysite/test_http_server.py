@@ -21,9 +21,12 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
+        self.writes_after_close = 0
 
     def write(self, data: bytes) -> None:
-        assert not self.closed, "written after close"
+        if self.closed:
+            self.writes_after_close += 1
+            raise RuntimeError("unable to perform operation: the handler is closed")  # as uvloop
         self.writes.append(bytes(data))
 
     def close(self) -> None:
@@ -72,7 +75,18 @@ async def test_closing_sends_a_held_head_before_the_connection_closes() -> None:
     assert inner.writes == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"]
     assert inner.closed
     await asyncio.sleep(0)
-    assert len(inner.writes) == 1
+    assert (len(inner.writes), inner.writes_after_close) == (1, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_head_held_when_the_client_goes_is_dropped_not_written() -> None:
+    transport, inner = _holding()
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    inner.close()  # the client disconnected within the hold
+    await asyncio.sleep(0)
+    transport.close()
+    assert inner.writes == []
+    assert inner.writes_after_close == 0
 
 
 @pytest.mark.asyncio
