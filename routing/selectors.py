@@ -5,6 +5,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import Q
 from redis.exceptions import RedisError
 
@@ -115,19 +116,27 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
 def config_snapshot_load() -> ConfigSnapshot:
     """A consistent snapshot of keys, routes and prices (a handful of queries).
 
-    The revision is read first: if configuration changes during the load, the
-    next poll sees a newer revision and loads again.
+    Every query reads the database as of one moment: a change committed between
+    two of them (say a route and its deployments, read in separate queries) would
+    otherwise give a route without the deployments it was created with, until the
+    next change. PostgreSQL needs REPEATABLE READ for that; a SQLite transaction
+    reads one snapshot already.
     """
-    revision = config_revision_get()
-    prices: dict[tuple[str, str], list[PriceRates]] = defaultdict(list)
-    for rates in price_rates_all():
-        prices[(rates.provider_kind, rates.model)].append(rates)
-    return ConfigSnapshot(
-        revision=revision,
-        keys_by_prefix={key.prefix: key for key in virtual_key_contexts()},
-        routes=route_plans(),
-        prices={pair: tuple(rows) for pair, rows in prices.items()},
-    )
+    outermost = not connection.in_atomic_block  # inside a caller's transaction, it decides
+    with transaction.atomic():
+        if outermost and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        revision = config_revision_get()
+        prices: dict[tuple[str, str], list[PriceRates]] = defaultdict(list)
+        for rates in price_rates_all():
+            prices[(rates.provider_kind, rates.model)].append(rates)
+        return ConfigSnapshot(
+            revision=revision,
+            keys_by_prefix={key.prefix: key for key in virtual_key_contexts()},
+            routes=route_plans(),
+            prices={pair: tuple(rows) for pair, rows in prices.items()},
+        )
 
 
 @dataclass(frozen=True, slots=True)
