@@ -1,17 +1,21 @@
 """The proxy's configuration snapshot: what it contains, and when it changes."""
 
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from django.db import connections
 
 from billing.models import ModelPrice
+from routing import selectors
 from routing.models import Deployment, Provider, Route
 from routing.selectors import config_snapshot_load
 from tenants.config import config_revision_get
 from tenants.services import virtual_key_revoke
 from tests.conftest import TEST_ACTOR
 from tests.factories import OrganizationFactory
+from tests.support.halves import production_half_only
 
 pytestmark = pytest.mark.django_db
 
@@ -127,3 +131,45 @@ def test_every_configuration_change_moves_the_revision(org) -> None:
     assert changed()
     p.delete()
     assert changed()
+
+
+@production_half_only
+@pytest.mark.django_db(transaction=True)
+def test_a_route_committed_while_the_snapshot_loads_is_in_it_whole_or_not_at_all(
+    org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader reads deployments, then routes, in separate queries: a route and its
+    deployment committed in between must not come out as a route with no deployment
+    (answered 503 until the next change). PostgreSQL only: SQLite's single transaction
+    is one snapshot by construction, and its test database cannot take a second writer."""
+    route("existing", Deployment.objects.create(provider=provider(org), name="d0",
+                                                upstream_model="a"), org=org)  # fmt: skip
+    original = selectors._deployment_spec
+    committed = threading.Event()
+
+    def commit_a_route_elsewhere() -> None:
+        try:
+            late = Deployment.objects.create(
+                provider=provider(org), name="late", upstream_model="b"
+            )
+            route("late", late, org=org)
+        finally:
+            connections.close_all()
+            committed.set()
+
+    def spec_after_a_concurrent_commit(deployment: Deployment) -> object:
+        if not committed.is_set():  # between the deployments query and the routes query
+            threading.Thread(target=commit_a_route_elsewhere).start()
+            assert committed.wait(10)
+        return original(deployment)
+
+    monkeypatch.setattr(selectors, "_deployment_spec", spec_after_a_concurrent_commit)
+    snapshot = config_snapshot_load()
+
+    assert committed.is_set()
+    late = snapshot.route_for(org_id=org.pk, model="late")
+    assert late is None or [d.name for d in late.deployments] == ["late"]
+    # The next load sees it whole.
+    assert [
+        d.name for d in config_snapshot_load().route_for(org_id=org.pk, model="late").deployments
+    ] == ["late"]
