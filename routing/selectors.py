@@ -1,5 +1,6 @@
 """Reads for routing, chiefly the proxy's configuration snapshot."""
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -116,15 +117,16 @@ def route_plans() -> dict[tuple[int | None, str], RoutePlan]:
 def config_snapshot_load() -> ConfigSnapshot:
     """A consistent snapshot of keys, routes and prices (a handful of queries).
 
-    Every query reads the database as of one moment: a change committed between
-    two of them (say a route and its deployments, read in separate queries) would
-    otherwise give a route without the deployments it was created with, until the
-    next change. PostgreSQL needs REPEATABLE READ for that; a SQLite transaction
-    reads one snapshot already.
+    On PostgreSQL every query reads the database as of one moment (REPEATABLE READ):
+    a change committed between two of them (say a route and its deployments, read in
+    separate queries) would otherwise give a route without the deployments it was
+    created with, until the next change. Elsewhere (SQLite, whose transactions here
+    take the write lock) the revision is read first, so such a change is loaded
+    again at the next poll.
     """
-    outermost = not connection.in_atomic_block  # inside a caller's transaction, it decides
-    with transaction.atomic():
-        if outermost and connection.vendor == "postgresql":
+    consistent = connection.vendor == "postgresql" and not connection.in_atomic_block
+    with transaction.atomic() if consistent else contextlib.nullcontext():
+        if consistent:
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         revision = config_revision_get()

@@ -469,7 +469,8 @@ def batch_in_flight() -> tuple[int, int] | None:
             "SELECT pid, backend_xid::text::bigint FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             " AND backend_xid IS NOT NULL AND query LIKE %s",
-            ['INSERT INTO "billing_usageevent"%'],
+            # Any statement of the write (staging table, COPY, INSERT … SELECT, DROP).
+            ['%"billing_usageevent%'],
         )
         row = cursor.fetchone()
     return (row[0], row[1]) if row else None
