@@ -206,6 +206,10 @@ class ReserveResult:
     missing: tuple[BudgetLine, ...] = ()
     # RESERVED: every bucket after taking; RATE_LIMITED: the short buckets, before.
     levels: tuple[BucketLevel, ...] = ()
+    # Admitted from this process's lease (billing/budget_leases.py): nothing was written
+    # to the shared counters, so neither was the in-flight entry; the totals above are
+    # as of the lease's last grant.
+    leased: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -368,6 +372,8 @@ class RedisBudgetCounters(BudgetCounters):
         buckets: Sequence[RateCharge] = (),
         inflight: InflightEntry | None = None,
         line_keys: Sequence[tuple[str, ...]] | None = None,
+        lease_id: str | None = None,
+        inflight_key: str | None = None,
     ) -> list[int]:
         clock = self._clock
         now = time.time() if clock is None else clock()
@@ -390,9 +396,13 @@ class RedisBudgetCounters(BudgetCounters):
         if inflight is not None:
             keys.append(inflight.hash_key)
             args.append(inflight.payload)
+        if inflight_key is not None:
+            keys.append(inflight_key)
+        if lease_id is not None:
+            args.append(lease_id)
         # EVALSHA directly (redis-py's Script wrapper type-checks the client on every
         # call: a measurable share of a proxy worker); EVAL loads it after a restart.
-        client = self._settle_client if op == "settle" else self._client
+        client = self._settle_client if op in ("settle", "lease_settle") else self._client
         try:
             reply: list[int] = await client.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
@@ -416,35 +426,58 @@ class RedisBudgetCounters(BudgetCounters):
             "reserve", lines, request_id=request_id, nanos=amount_nanos, hold_ttl_s=ttl_s,
             buckets=charges, inflight=inflight,
         )  # fmt: skip
-        code, rest = int(reply[0]), reply[1:]
-        if code == 5:
-            return ReserveResult(ReserveStatus.VOIDED, amount_nanos)
-        if code == 2:
-            missing = tuple(lines[int(i) - 1] for i in rest)
-            return ReserveResult(ReserveStatus.MISSING, amount_nanos, missing=missing)
-        if code == 1:
-            exceeded = tuple(
-                LineSpend(lines[int(rest[j]) - 1], int(rest[j + 1]), int(rest[j + 2]))
-                for j in range(0, len(rest), 3)
-            )
-            return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
-        if code == 4:
-            short = tuple(
-                BucketLevel(
-                    charges[int(rest[j]) - 1].bucket,
-                    int(rest[j + 1]) / 1000,
-                    charges[int(rest[j]) - 1].amount,
-                )  # fmt: skip
-                for j in range(0, len(rest), 2)
-            )
-            return ReserveResult(ReserveStatus.RATE_LIMITED, amount_nanos, levels=short)
-        status = ReserveStatus.RESERVED if code == 0 else ReserveStatus.ALREADY_HELD
-        flat = rest[: 2 * len(lines)]
-        levels = tuple(
-            BucketLevel(charge.bucket, int(milli) / 1000, charge.amount)
-            for charge, milli in zip(charges, rest[2 * len(lines) :], strict=False)
+        return _reserve_result(reply, lines, amount_nanos, charges)
+
+    async def lease(
+        self,
+        lease_id: str,
+        lines: Sequence[BudgetLine],
+        amount_nanos: int,
+        ttl_s: float,
+        takes: Sequence[RateCharge] = (),
+        inflight: InflightEntry | None = None,
+    ) -> ReserveResult:
+        """Grow lease `lease_id` (billing/budget_leases.py) by `amount_nanos` on every
+        line and take `takes` from the buckets, if all have room; as `reserve`, but the
+        hold adds up over calls, its deadline moves to `ttl_s` from now, and a refusal
+        marks no line refused (no request was). `inflight` is the lease's own entry."""
+        _check_nanos("amount_nanos", amount_nanos)
+        _check_charges(takes, taking=True)
+        reply = await self._run(
+            "lease", lines, request_id=lease_id, nanos=amount_nanos, hold_ttl_s=ttl_s,
+            buckets=takes, inflight=inflight,
+        )  # fmt: skip
+        return _reserve_result(reply, lines, amount_nanos, takes)
+
+    async def lease_settle(
+        self, request_id: str, lease_id: str, lines: Sequence[BudgetLine], actual_nanos: int
+    ) -> SettleResult:
+        """Settle a request admitted from lease `lease_id`: its cost leaves the lease's
+        hold (as far as it holds) for each line's settled total. Once per request."""
+        _check_nanos("actual_nanos", actual_nanos)
+        reply = await self._run(
+            "lease_settle", lines, request_id=request_id, nanos=actual_nanos, lease_id=lease_id
         )
-        return ReserveResult(status, amount_nanos, spends=_spends(lines, flat), levels=levels)
+        if int(reply[0]) == 3:
+            return SettleResult(applied=False)
+        missing = tuple(lines[int(i) - 1] for i in reply[2:])
+        return SettleResult(applied=True, released_nanos=int(reply[1]), missing=missing)
+
+    async def lease_return(
+        self, lease_id: str, lines: Sequence[BudgetLine], give_back: Sequence[RateCharge] = (),
+        *, inflight_key: str | None = None, release_nanos: int | None = None,
+    ) -> int:  # fmt: skip
+        """Release what lease `lease_id` still holds (only `release_nanos` of it, if given),
+        give `give_back` to the buckets (negative: take) and, released whole, delete its
+        entry from `inflight_key`. Returns the nanos released."""
+        _check_charges(give_back, taking=False)
+        if release_nanos is not None:
+            _check_nanos("release_nanos", release_nanos)
+        reply = await self._run(
+            "lease_return", lines, request_id=lease_id, buckets=give_back,
+            nanos=-1 if release_nanos is None else release_nanos, inflight_key=inflight_key,
+        )  # fmt: skip
+        return int(reply[1])
 
     async def settle(
         self,
@@ -504,6 +537,42 @@ class RedisBudgetCounters(BudgetCounters):
     async def seed(self, line: BudgetLine, settled_nanos: int) -> int:
         _check_nanos("settled_nanos", settled_nanos)
         return int(await self._run("seed", [line], nanos=settled_nanos))
+
+
+def _reserve_result(
+    reply: list[int], lines: Sequence[BudgetLine], amount_nanos: int,
+    charges: Sequence[RateCharge],
+) -> ReserveResult:  # fmt: skip
+    """What a `reserve` (or `lease`) script reply says."""
+    code, rest = int(reply[0]), reply[1:]
+    if code == 5:
+        return ReserveResult(ReserveStatus.VOIDED, amount_nanos)
+    if code == 2:
+        missing = tuple(lines[int(i) - 1] for i in rest)
+        return ReserveResult(ReserveStatus.MISSING, amount_nanos, missing=missing)
+    if code == 1:
+        exceeded = tuple(
+            LineSpend(lines[int(rest[j]) - 1], int(rest[j + 1]), int(rest[j + 2]))
+            for j in range(0, len(rest), 3)
+        )
+        return ReserveResult(ReserveStatus.EXCEEDED, amount_nanos, spends=exceeded)
+    if code == 4:
+        short = tuple(
+            BucketLevel(
+                charges[int(rest[j]) - 1].bucket,
+                int(rest[j + 1]) / 1000,
+                charges[int(rest[j]) - 1].amount,
+            )  # fmt: skip
+            for j in range(0, len(rest), 2)
+        )
+        return ReserveResult(ReserveStatus.RATE_LIMITED, amount_nanos, levels=short)
+    status = ReserveStatus.RESERVED if code == 0 else ReserveStatus.ALREADY_HELD
+    flat = rest[: 2 * len(lines)]
+    levels = tuple(
+        BucketLevel(charge.bucket, int(milli) / 1000, charge.amount)
+        for charge, milli in zip(charges, rest[2 * len(lines) :], strict=False)
+    )
+    return ReserveResult(status, amount_nanos, spends=_spends(lines, flat), levels=levels)
 
 
 @dataclass(slots=True)

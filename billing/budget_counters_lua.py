@@ -17,8 +17,13 @@ Redis truncates Lua numbers to integers.
 #       settle memory (s), bucket count, then per line: limit, hard (1/0), key ttl in
 #       ms (0: forever), then per bucket: capacity, refill per second, amount (reserve: to take;
 #       settle: to give back, negative to take more), then (reserve, optional) the request's
-#       in-flight entry (billing/inflight.py), stored with its holds.
+#       in-flight entry (billing/inflight.py), stored with its holds (lease: the
+#       lease's entry; lease_return: the key alone, to delete it); (lease_settle) the
+#       lease id.
 # The settle marker holds the settled nanos, or 'void' for a request given up on.
+# A lease (billing/budget_leases.py) is a hold like a request's, under the lease's id,
+# grown by each `lease` call; `lease_settle` moves a request's cost out of it into
+# settled, `lease_return` releases what is left and gives back the bucket units.
 BUDGET_COUNTERS_LUA = """
 local op, rid, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if not now then
@@ -50,6 +55,21 @@ local function release(reserved, holds, amounts, id)
   end
   redis.call('ZREM', holds, id)
   return tonumber(amount or 0)
+end
+
+-- Take `by` (at most what it holds) off a hold; released whole when nothing is left.
+local function shrink(reserved, holds, amounts, id, by)
+  local held = tonumber(redis.call('HGET', amounts, id) or 0)
+  local take = math.min(held, by)
+  if take > 0 and take == held then
+    release(reserved, holds, amounts, id)
+  elseif take > 0 then
+    redis.call('HINCRBY', amounts, id, -take)
+    if redis.call('EXISTS', reserved) == 1 and redis.call('DECRBY', reserved, take) < 0 then
+      redis.call('SET', reserved, 0, 'KEEPTTL')
+    end
+  end
+  return take
 end
 
 local function expire(i)
@@ -91,9 +111,12 @@ local function every_line(code)
   return out
 end
 
-if op == 'reserve' then
+if op == 'reserve' or op == 'lease' then
+  -- A lease takes room and units ahead of requests, under the lease's id: its hold
+  -- grows (and its deadline moves) with each call, and a refusal is not a request's.
+  local leasing = op == 'lease'
   -- Voided: its caller gave up waiting (a slow or frozen Redis); take nothing.
-  if redis.call('EXISTS', KEYS[1]) == 1 then return {5} end
+  if not leasing and redis.call('EXISTS', KEYS[1]) == 1 then return {5} end
   local missing = {2}
   for i = 1, n do
     expire(i)
@@ -101,7 +124,7 @@ if op == 'reserve' then
     if redis.call('EXISTS', settled) == 0 then table.insert(missing, i) end
   end
   if #missing > 1 then return missing end
-  if n > 0 then
+  if n > 0 and not leasing then
     local _, _, _, amounts = keys(1)
     if redis.call('HEXISTS', amounts, rid) == 1 then return every_line(3) end
   end
@@ -110,10 +133,12 @@ if op == 'reserve' then
     local s, r = totals(i)
     if arg(i, 2) == '1' and s + r + nanos > tonumber(arg(i, 1)) then
       table.insert(exceeded, i); table.insert(exceeded, s); table.insert(exceeded, r)
-      local _, _, _, _, refused = keys(i)
-      redis.call('SET', refused, now)
-      local ttl = tonumber(arg(i, 3))
-      if ttl > 0 then redis.call('PEXPIRE', refused, ttl) end
+      if not leasing then
+        local _, _, _, _, refused = keys(i)
+        redis.call('SET', refused, now)
+        local ttl = tonumber(arg(i, 3))
+        if ttl > 0 then redis.call('PEXPIRE', refused, ttl) end
+      end
     end
   end
   if #exceeded > 1 then return exceeded end
@@ -131,7 +156,11 @@ if op == 'reserve' then
     local _, reserved, holds, amounts = keys(i)
     redis.call('INCRBY', reserved, ARGV[5])
     redis.call('ZADD', holds, deadline, rid)
-    redis.call('HSET', amounts, rid, ARGV[5])
+    if leasing then
+      redis.call('HINCRBY', amounts, rid, ARGV[5])
+    else
+      redis.call('HSET', amounts, rid, ARGV[5])
+    end
     local ttl = tonumber(arg(i, 3))
     if ttl > 0 then
       for _, key in ipairs({reserved, holds, amounts}) do redis.call('PEXPIRE', key, ttl) end
@@ -163,6 +192,46 @@ elseif op == 'settle' then
     local _, capacity, _, amount = bucket(j)
     if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
   end
+  return out
+elseif op == 'lease_settle' then
+  -- A request admitted from a lease: its cost moves from the lease's hold to settled
+  -- (settled + reserved stays as it was), once.
+  if not redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[7]) then return {3} end
+  local lease = ARGV[9 + n * 3 + m * 3]
+  local out = {0, 0}
+  for i = 1, n do
+    expire(i)
+    local settled, reserved, holds, amounts = keys(i)
+    out[2] = math.max(out[2], shrink(reserved, holds, amounts, lease, nanos))
+    if redis.call('EXISTS', settled) == 1 then
+      redis.call('INCRBY', settled, ARGV[5])
+    else
+      table.insert(out, i)
+    end
+  end
+  return out
+elseif op == 'lease_return' then
+  -- A lease given back: its hold released (nanos >= 0: only that much of it, the room
+  -- it has not handed out), its unused units back in their buckets (negative: units its
+  -- requests used beyond their estimates, taken now), and its in-flight entry (optional
+  -- KEYS, as for reserve) deleted when it is released whole.
+  local out = {0, 0}
+  for i = 1, n do
+    local _, reserved, holds, amounts = keys(i)
+    local freed
+    if nanos < 0 then
+      freed = release(reserved, holds, amounts, rid)
+    else
+      freed = shrink(reserved, holds, amounts, rid, nanos)
+    end
+    out[2] = math.max(out[2], freed)
+  end
+  for j = 1, m do
+    local _, capacity, _, amount = bucket(j)
+    if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
+  end
+  local inflight = KEYS[2 + n * 5 + m]
+  if inflight and nanos < 0 then redis.call('HDEL', inflight, rid) end
   return out
 elseif op == 'void' then
   -- The caller gave up on its reserve, which may not have run yet: mark the request

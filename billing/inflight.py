@@ -22,10 +22,15 @@ saying so and, for each:
 Each event is appended atomically with deleting its entry: an entry is reaped once, and
 a real event that reached the stream first wins (the ledger keeps the first of an id).
 
-Still lost with their process: a request with no reserve in its first 50 ms upstream, and
-the events of requests that never called upstream (a cache hit, a refusal) not yet sent
-(one flush interval). A live process silent for longer than the TTL (its event loop
-blocked that long) is taken for dead: its requests then count as lost.
+The entry of a budget lease (billing/budget_leases.py) has no event: reaping it
+releases the lease's hold at once, rather than at its deadline. Requests admitted from a
+lease write their entries through `begin`, as those with no reserve.
+
+Still lost with their process: a request with no reserve (or admitted from a lease) in
+its first 50 ms upstream, and the events of requests that never called upstream (a cache
+hit, a refusal) not yet sent (one flush interval). A live process silent for longer than
+the TTL (its event loop blocked that long) is taken for dead: its requests then count as
+lost.
 """
 
 import logging
@@ -73,6 +78,12 @@ def inflight_payload(known: dict[str, object], lines: Sequence[BudgetLine] = ())
     return orjson.dumps({**known, "lines": [line.key_prefix for line in lines]})
 
 
+def inflight_lease_payload(lines: Sequence[BudgetLine]) -> bytes:
+    """The entry of a budget lease (billing/budget_leases.py): its hold is released when
+    its process dies, and no event is made of it."""
+    return orjson.dumps({"lease": True, "lines": [line.key_prefix for line in lines]})
+
+
 def _lost_record(request_id: str, kept: dict[str, Any], *, settled: int | None) -> UsageRecord:
     """The event of a request its process never wrote: at the cost it settled, if it did."""
     fields = {name: kept[name] for name in KEPT_FIELDS}
@@ -118,6 +129,10 @@ async def _reap(
     try:
         kept = orjson.loads(entry)
         lines = [str(prefix) for prefix in kept["lines"]]
+        if kept.get("lease"):
+            await counters.abandon(request_id, lines)  # its hold released, now
+            await client.hdel(hash_key, request_id)
+            return 0
         settled = await counters.abandon(request_id, lines)
         payload = usage_record_encode(_lost_record(request_id, kept, settled=settled))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):

@@ -387,6 +387,9 @@ TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS = env_int("TOLLGATE_DEFAULT_MAX_OUTPUT_TOKENS
 # When the counters (Redis) cannot be reached: refuse requests of keys with
 # budgets or rate limits (503), or let them through unchecked.
 TOLLGATE_LIMITS_FAIL_OPEN = env_bool("TOLLGATE_LIMITS_FAIL_OPEN", False)
+# With Redis: each web process admits a busy key's requests from a lease of budget
+# room and rate units it holds in Redis, without a round trip (billing/budget_leases.py).
+TOLLGATE_BUDGET_LEASES = env_bool("TOLLGATE_BUDGET_LEASES", True)
 # How fast least-latency routing forgets old measurements.
 TOLLGATE_LATENCY_HALF_LIFE_SECONDS = env_float(
     "TOLLGATE_LATENCY_HALF_LIFE_SECONDS", 60.0, minimum=0.1

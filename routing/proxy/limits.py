@@ -306,7 +306,7 @@ async def seed_once(counters: BudgetCounters, lines: Sequence[BudgetLine]) -> No
 class Admission:
     """A request's hold on its budgets and rate buckets, settled exactly once."""
 
-    __slots__ = ("_charges", "_counters", "_lines", "_request_id", "headers")
+    __slots__ = ("_charges", "_counters", "_lines", "_request_id", "headers", "inflight_stored")
 
     def __init__(
         self,
@@ -315,12 +315,16 @@ class Admission:
         lines: Sequence[BudgetLine],
         charges: Sequence[RateCharge],
         levels: Sequence[BucketLevel],
+        *,
+        inflight_stored: bool = True,
     ) -> None:
         self._counters = counters
         self._request_id = request_id
         self._lines = tuple(lines)
         self._charges = tuple(charges)
         self.headers = rate_limit_headers(levels)
+        # Its reserve stored its in-flight entry (not when admitted from a lease).
+        self.inflight_stored = inflight_stored
 
     async def settle(self, *, cost_nanos: int, tokens_used: int) -> None:
         """Record the actual cost and give back the tokens estimated but not used.
@@ -462,7 +466,9 @@ async def admit(
         raise LimitsUnavailable(
             "Budgets cannot be checked right now; retry shortly.", headers={"retry-after": "1"}
         )
-    return Admission(counters, request_id, lines, charges, result.levels)
+    return Admission(
+        counters, request_id, lines, charges, result.levels, inflight_stored=not result.leased
+    )
 
 
 def _unchecked(exc: Exception, *, fail_open: bool, what: str) -> None:

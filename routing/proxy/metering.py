@@ -176,7 +176,8 @@ class Meter:
         """An upstream attempt begins on `deployment`."""
         self.deployment = deployment
         self.attempts += 1
-        if self.attempts == 1 and self.admission is None and self._sink.inflight_key:
+        stored = self.admission is not None and self.admission.inflight_stored
+        if self.attempts == 1 and not stored and self._sink.inflight_key:
             # No reserve wrote its in-flight entry (billing/inflight.py): write it now.
             self._sink.begin(self._request.request_id, self._inflight_payload())
         self._attempt_notes.append((deployment, time.monotonic()))

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from billing.alerts import abudget_alerts_check, alert_deliveries_run_due, spend_spikes_detect
 from billing.budget_counters import BudgetCounters, InProcessBudgetCounters, RedisBudgetCounters
+from billing.budget_leases import LeasedBudgetCounters
 from billing.budget_ledger import abudget_counters_reconcile
 from billing.ingest import UsageBuffer
 from billing.redis_multiplex import MultiplexedRedis
@@ -152,9 +153,14 @@ class ProxyRuntime:
             self._counters_redis = MultiplexedRedis.from_url(
                 settings.REDIS_URL, timeout_s=settings.TOLLGATE_REDIS_TIMEOUT_SECONDS
             )
-            self.counters = RedisBudgetCounters(
+            shared_counters = RedisBudgetCounters(
                 self._counters_redis,
                 settle_client=self._counters_redis.deferred(_SETTLE_BATCH_S),
+            )
+            self.counters = (
+                LeasedBudgetCounters(shared_counters, inflight_key=self.usage.inflight_key)
+                if settings.TOLLGATE_BUDGET_LEASES
+                else shared_counters
             )
             shared = SharedHealth(self._redis, policy=self.health.policy)
         else:
@@ -187,6 +193,9 @@ class ProxyRuntime:
         if self._settling:
             # Each settles its request, then queues its usage event: let them finish.
             await asyncio.wait(set(self._settling), timeout=_SETTLE_AT_STOP_S)
+        if isinstance(self.counters, LeasedBudgetCounters):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.counters.aclose(), _SETTLE_AT_STOP_S)
         for task in [*self._tasks, *self._background]:
             task.cancel()
         for task in [*self._tasks, *self._background]:

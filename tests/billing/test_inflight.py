@@ -4,6 +4,7 @@ its budget counters still equal what the ledger charges."""
 
 import asyncio
 import dataclasses
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ import redis.asyncio
 from django.conf import settings
 
 from billing.budget_counters import BudgetLine, InflightEntry, RedisBudgetCounters, budget_line
+from billing.budget_leases import LeasedBudgetCounters
 from billing.contracts import TokenUsage, UsageRecord
 from billing.inflight import KEPT_FIELDS, WORKER_LOST, inflight_payload, inflight_reap
 from billing.models import UsageEvent
@@ -236,3 +238,46 @@ async def test_a_request_with_no_reserve_is_written_ahead_when_it_calls_upstream
         (quick.event_id, ""), (streaming.event_id, WORKER_LOST),
     ]  # fmt: skip
     assert (written[1].model, written[1].cost_nanos, written[1].priced) == ("free-stream", 0, False)
+
+
+async def test_a_dead_process_s_budget_lease_is_released_without_an_event(
+    client: redis.asyncio.Redis, stream: str, process: Process, caplog: pytest.LogCaptureFixture
+) -> None:
+    line = await a_line(process.counters)
+    leases = LeasedBudgetCounters(
+        process.counters, inflight_key=process.producer.inflight_key, lease_after=2
+    )
+    for _ in range(2):  # busy: a lease is taken
+        request_id = uuid.uuid4().hex
+        assert (await leases.reserve(request_id, [line], 5_000, 60)).admitted
+        await leases.settle(request_id, [line], 1_000)
+        await asyncio.sleep(0.01)
+    assert (await leases.reserve(uuid.uuid4().hex, [line], 5_000, 60)).leased  # in flight
+    settled, held = await line_totals(process.counters, line)
+    assert settled == 2_000 and held >= 4 * 5_000  # the lease holds room ahead
+
+    await process.dies()
+    with caplog.at_level(logging.WARNING, logger="billing.inflight"):
+        assert await inflight_reap(client, stream) == 0, "a lease is no request: no event"
+    assert await stream_records(client, stream) == []
+    assert await line_totals(process.counters, line) == (2_000, 0), "released now, not at expiry"
+    assert not await client.exists(process.producer.inflight_key)
+    assert "unreadable" not in caplog.text, "read as a lease's entry"
+
+
+async def test_a_returned_lease_leaves_no_entry_to_reap(
+    client: redis.asyncio.Redis, stream: str, process: Process
+) -> None:
+    line = await a_line(process.counters)
+    leases = LeasedBudgetCounters(
+        process.counters, inflight_key=process.producer.inflight_key, lease_after=2
+    )
+    for _ in range(3):
+        request_id = uuid.uuid4().hex
+        await leases.reserve(request_id, [line], 5_000, 60)
+        await leases.settle(request_id, [line], 1_000)
+        await asyncio.sleep(0.01)
+    assert await client.hlen(process.producer.inflight_key) == 1  # the lease's entry
+    await leases.aclose()
+    assert await client.hlen(process.producer.inflight_key) == 0
+    assert await line_totals(process.counters, line) == (3_000, 0)

@@ -12,6 +12,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from django.conf import settings
 from django.test import override_settings
 
@@ -417,3 +418,38 @@ def test_budget_counters_that_cannot_be_seeded_while_postgres_is_away(
     assert spent == ACTUAL_COST * (2 if fail_open else 1)
     assert Decimal(counted["spent_usd"]).scaleb(9) == spent
     assert Decimal(counted["reserved_usd"]) == 0
+
+
+@needs_redis
+def test_a_busy_keys_requests_are_served_from_a_lease_and_settle_exactly(
+    gateway: GatewayServer, org: Organization, capped: None, live_key: IssueKey
+) -> None:
+    """Past a few requests a second, the gateway admits a key's requests from room it
+    holds ahead in Redis (billing/budget_leases.py); the counters still equal the ledger,
+    and what it held is given back once the key goes quiet."""
+    limit = budget(org, 1_000 * MAX_COST)
+    key = live_key(org, rpm_limit=10_000)
+    sdk = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    counters = redis.Redis.from_url(settings.REDIS_URL)
+    lease_holds = []
+    remaining = []
+    for _ in range(30):
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="capped", messages=HELLO, max_tokens=OUTPUT
+        )
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+        for holds in counters.scan_iter(match=f"tollgate:budget:{limit.id}:*:holds"):
+            lease_holds += [m for m in counters.zrange(holds, 0, -1) if m.startswith(b"lease:")]
+    assert lease_holds, "no request was served from a lease"
+    assert 10_000 - 30 <= remaining[-1] < remaining[0] <= 10_000
+
+    events = wait_for_events(UsageEvent.objects.filter(org=org, model="capped"), 30)
+    assert sum(e.cost_nanos for e in events) == 30 * ACTUAL_COST
+    # Given back within about a second of the key going quiet: nothing stays held.
+    wait_until(
+        lambda: Decimal(key_info(gateway, key)["budgets"][0]["reserved_usd"]) == 0,
+        timeout_s=5, what="the lease to be given back",
+    )  # fmt: skip
+    (counted,) = key_info(gateway, key)["budgets"]
+    assert Decimal(counted["spent_usd"]).scaleb(9) == 30 * ACTUAL_COST
+    counters.close()

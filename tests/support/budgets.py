@@ -70,10 +70,10 @@ class Harness:
         if self.client is None:
             self.counters = self.other = InProcessBudgetCounters(clock=self.clock)
         else:
-            await _delete_counter_keys(self.client)
+            await delete_counter_keys(self.client)
 
 
-async def _delete_counter_keys(client: redis.asyncio.Redis) -> None:
+async def delete_counter_keys(client: redis.asyncio.Redis) -> None:
     keys = [
         key for pattern in COUNTER_KEYS async for key in client.scan_iter(match=pattern, count=1000)
     ]
@@ -91,7 +91,7 @@ async def budget_harness(kind: str) -> AsyncIterator[Harness]:
     first = redis.asyncio.Redis.from_url(REDIS_URL)
     second = redis.asyncio.Redis.from_url(REDIS_URL)
     multiplexed = MultiplexedRedis.from_url(REDIS_URL)
-    await _delete_counter_keys(first)
+    await delete_counter_keys(first)
     try:
         yield Harness(
             kind,
@@ -103,7 +103,7 @@ async def budget_harness(kind: str) -> AsyncIterator[Harness]:
             client=first,
         )
     finally:
-        await _delete_counter_keys(first)
+        await delete_counter_keys(first)
         await first.aclose()
         await second.aclose()
         await multiplexed.aclose()
