@@ -402,7 +402,7 @@ class RedisBudgetCounters(BudgetCounters):
             args.append(lease_id)
         # EVALSHA directly (redis-py's Script wrapper type-checks the client on every
         # call: a measurable share of a proxy worker); EVAL loads it after a restart.
-        client = self._settle_client if op in ("settle", "lease_settle") else self._client
+        client = self._settle_client if op == "settle" else self._client
         try:
             reply: list[int] = await client.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
@@ -449,20 +449,6 @@ class RedisBudgetCounters(BudgetCounters):
         )  # fmt: skip
         return _reserve_result(reply, lines, amount_nanos, takes)
 
-    async def lease_settle(
-        self, request_id: str, lease_id: str, lines: Sequence[BudgetLine], actual_nanos: int
-    ) -> SettleResult:
-        """Settle a request admitted from lease `lease_id`: its cost leaves the lease's
-        hold (as far as it holds) for each line's settled total. Once per request."""
-        _check_nanos("actual_nanos", actual_nanos)
-        reply = await self._run(
-            "lease_settle", lines, request_id=request_id, nanos=actual_nanos, lease_id=lease_id
-        )
-        if int(reply[0]) == 3:
-            return SettleResult(applied=False)
-        missing = tuple(lines[int(i) - 1] for i in reply[2:])
-        return SettleResult(applied=True, released_nanos=int(reply[1]), missing=missing)
-
     async def lease_return(
         self, lease_id: str, lines: Sequence[BudgetLine], give_back: Sequence[RateCharge] = (),
         *, inflight_key: str | None = None, release_nanos: int | None = None,
@@ -485,12 +471,18 @@ class RedisBudgetCounters(BudgetCounters):
         lines: Sequence[BudgetLine],
         actual_nanos: int,
         refunds: Sequence[RateCharge] = (),
+        *,
+        lease_id: str | None = None,
     ) -> SettleResult:
+        """As the contract says; with `lease_id`, for a request admitted from that lease
+        (billing/budget_leases.py): its cost leaves the lease's hold (as far as it holds)
+        for each line's settled total."""
         _check_nanos("actual_nanos", actual_nanos)
         _check_charges(refunds, taking=False)
         reply = await self._run(
-            "settle", lines, request_id=request_id, nanos=actual_nanos, buckets=refunds
-        )
+            "settle", lines, request_id=request_id, nanos=actual_nanos, buckets=refunds,
+            lease_id=lease_id,
+        )  # fmt: skip
         if int(reply[0]) == 3:
             return SettleResult(applied=False)
         missing = tuple(lines[int(i) - 1] for i in reply[2:])

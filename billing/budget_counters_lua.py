@@ -18,11 +18,11 @@ Redis truncates Lua numbers to integers.
 #       ms (0: forever), then per bucket: capacity, refill per second, amount (reserve: to take;
 #       settle: to give back, negative to take more), then (reserve, optional) the request's
 #       in-flight entry (billing/inflight.py), stored with its holds (lease: the
-#       lease's entry; lease_return: the key alone, to delete it); (lease_settle) the
-#       lease id.
+#       lease's entry; lease_return: the key alone, to delete it); (settle, optional) the
+#       id of the lease the request was admitted from.
 # The settle marker holds the settled nanos, or 'void' for a request given up on.
 # A lease (billing/budget_leases.py) is a hold like a request's, under the lease's id,
-# grown by each `lease` call; `lease_settle` moves a request's cost out of it into
+# grown by each `lease` call; `settle` with its id moves a request's cost out of it into
 # settled, `lease_return` releases what is left and gives back the bucket units.
 BUDGET_COUNTERS_LUA = """
 local op, rid, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -176,12 +176,21 @@ if op == 'reserve' or op == 'lease' then
   end
   return out
 elseif op == 'settle' then
+  -- With a lease id (the trailing ARGV): a request admitted from that lease, whose cost
+  -- moves out of the lease's hold into settled (settled + reserved stays as it was).
   if not redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[7]) then return {3} end
+  local lease = ARGV[9 + n * 3 + m * 3]
   local out = {0, 0}
   for i = 1, n do
     expire(i)
     local settled, reserved, holds, amounts = keys(i)
-    out[2] = math.max(out[2], release(reserved, holds, amounts, rid))
+    local freed
+    if lease then
+      freed = shrink(reserved, holds, amounts, lease, nanos)
+    else
+      freed = release(reserved, holds, amounts, rid)
+    end
+    out[2] = math.max(out[2], freed)
     if redis.call('EXISTS', settled) == 1 then
       redis.call('INCRBY', settled, ARGV[5])
     else
@@ -191,23 +200,6 @@ elseif op == 'settle' then
   for j = 1, m do
     local _, capacity, _, amount = bucket(j)
     if amount ~= 0 then store_level(j, math.min(capacity, level_of(j) + amount)) end
-  end
-  return out
-elseif op == 'lease_settle' then
-  -- A request admitted from a lease: its cost moves from the lease's hold to settled
-  -- (settled + reserved stays as it was), once.
-  if not redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[7]) then return {3} end
-  local lease = ARGV[9 + n * 3 + m * 3]
-  local out = {0, 0}
-  for i = 1, n do
-    expire(i)
-    local settled, reserved, holds, amounts = keys(i)
-    out[2] = math.max(out[2], shrink(reserved, holds, amounts, lease, nanos))
-    if redis.call('EXISTS', settled) == 1 then
-      redis.call('INCRBY', settled, ARGV[5])
-    else
-      table.insert(out, i)
-    end
   end
   return out
 elseif op == 'lease_return' then

@@ -322,7 +322,9 @@ class LeasedBudgetCounters(BudgetCounters):
         for refund in refunds:
             lease.pools[lease.buckets.index(refund.bucket)] += refund.amount
         try:
-            return await self.shared.lease_settle(request_id, lease.lease_id, lines, actual_nanos)
+            return await self.shared.settle(
+                request_id, lines, actual_nanos, lease_id=lease.lease_id
+            )
         except (RedisError, OSError):
             # Redis may have lost the lease's hold (a restart): count on it no more.
             lease.closed = True

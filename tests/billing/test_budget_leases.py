@@ -48,6 +48,9 @@ class CountingRedis:
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         op = keys_and_args[numkeys]
         op = op.decode() if isinstance(op, bytes) else op
+        last = keys_and_args[-1]
+        if op == "settle" and isinstance(last, str) and last.startswith("lease:"):
+            op = "settle from a lease"
         if op in self.failing:
             raise RedisConnectionError(f"{op} failed (test)")
         self.ops[op] += 1
@@ -108,6 +111,13 @@ async def totals(counters: BudgetCounters, *lines) -> list[tuple[int | None, int
     return [(s.settled_nanos, s.reserved_nanos) for s in spends]
 
 
+async def make_busy(counters: LeasedBudgetCounters, budget: BudgetLine, requests: int) -> None:
+    """Reserve one by one, a little apart, until the counters take a lease."""
+    for n in range(requests):
+        await counters.reserve(f"busy{n}", [budget], 1_000, 60)
+        await asyncio.sleep(0.01)
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     for _ in range(int(timeout_s / 0.02)):
         if condition():
@@ -145,13 +155,13 @@ async def test_a_leased_requests_cost_moves_from_the_lease_into_settled_once(cli
     await counters.seed(budget, 0)
     await counters.lease("lease:a", [budget], 500, 60)
 
-    settled = await counters.lease_settle("r1", "lease:a", [budget], 120)
+    settled = await counters.settle("r1", [budget], 120, lease_id="lease:a")
     assert settled.applied and settled.released_nanos == 120
     assert await totals(counters, budget) == [(120, 380)]
-    assert not (await counters.lease_settle("r1", "lease:a", [budget], 120)).applied
+    assert not (await counters.settle("r1", [budget], 120, lease_id="lease:a")).applied
     assert await totals(counters, budget) == [(120, 380)]
     # A cost beyond what the lease still holds is settled in full; the hold is gone.
-    await counters.lease_settle("r2", "lease:a", [budget], 400)
+    await counters.settle("r2", [budget], 400, lease_id="lease:a")
     assert await totals(counters, budget) == [(520, 0)]
     # The reaper of a dead process finds the request settled, at its cost.
     assert await counters.abandon("r1", [budget.key_prefix]) == 120
@@ -165,7 +175,7 @@ async def test_a_returned_lease_releases_its_hold_and_gives_its_units_back(clien
     await counters.lease("lease:a", [budget], 500, 60, [RateCharge(bucket, 200)])
     assert (await counters.rate_levels([bucket]))[0].level == 400
 
-    await counters.lease_settle("r1", "lease:a", [budget], 100)
+    await counters.settle("r1", [budget], 100, lease_id="lease:a")
     assert await counters.lease_return("lease:a", [budget], [RateCharge(bucket, 150)]) == 400
     assert await totals(counters, budget) == [(100, 0)]
     assert (await counters.rate_levels([bucket]))[0].level == 550
@@ -210,7 +220,7 @@ async def test_a_busy_keys_requests_are_admitted_from_its_lease_without_a_reserv
         await counters.settle(f"r{n}", [budget], 400)
         await asyncio.sleep(0)  # the grant, in the background
     assert leased >= 30
-    assert sent.ops["reserve"] == 40 - leased and sent.ops["lease_settle"] == leased
+    assert sent.ops["reserve"] == 40 - leased and sent.ops["settle from a lease"] == leased
     assert sent.ops["lease"] >= 1
 
     # Idle: the lease is given back; what was spent is settled, nothing stays held.
@@ -307,9 +317,7 @@ async def test_a_changed_limit_is_not_served_from_the_old_limits_lease(
     counters, sent = leasing(client)
     budget = current_line(1, 10_000_000)
     await counters.seed(budget, 0)
-    for n in range(6):
-        await counters.reserve(f"r{n}", [budget], 1_000, 60)
-        await asyncio.sleep(0.01)
+    await make_busy(counters, budget, 6)
     assert counters.leases == 1 and (await counters.reserve("r6", [budget], 1_000, 60)).leased
     lowered = current_line(1, 500_000)  # the snapshot's new line for the same budget
     result = await counters.reserve("r7", [lowered], 1_000, 60)
@@ -321,11 +329,9 @@ async def test_a_lease_whose_settle_fails_admits_nothing_more(client, leasing: L
     counters, sent = leasing(client)
     budget = current_line(1, 10_000_000)
     await counters.seed(budget, 0)
-    for n in range(4):
-        await counters.reserve(f"r{n}", [budget], 1_000, 60)
-        await asyncio.sleep(0.01)
+    await make_busy(counters, budget, 4)
     assert (await counters.reserve("r4", [budget], 1_000, 60)).leased
-    sent.failing.add("lease_settle")
+    sent.failing.add("settle from a lease")
     with pytest.raises(RedisConnectionError):
         await counters.settle("r4", [budget], 500)
     sent.failing.clear()
