@@ -273,6 +273,25 @@ async def test_processes_leasing_one_hard_budget_never_admit_beyond_it(
     assert settled > budget.limit_nanos * 0.9  # the room was used, not kept back
 
 
+async def test_a_lease_admits_no_more_than_it_holds(client, other, leasing: Leasing) -> None:
+    counters, _ = leasing(client, idle_s=60)
+    budget = current_line(1, 1_000_000)
+    await counters.seed(budget, 0)
+    await make_busy(counters, budget, 4)  # three reserved one by one, one from the lease
+    ((settled, reserved),) = await totals(counters, budget)
+    assert reserved > 4 * 1_000  # the lease holds room ahead
+    # Another process takes all the room left: the lease cannot grow.
+    room = budget.limit_nanos - settled - reserved
+    assert (await RedisBudgetCounters(other).reserve("b", [budget], room, 60)).admitted
+
+    results = await asyncio.gather(
+        *(counters.reserve(f"a{n}", [budget], 1_000, 60) for n in range(80))
+    )
+    admitted = 4 + sum(result.admitted for result in results)
+    assert 0 < admitted * 1_000 <= reserved  # what the lease held, and no more
+    assert {r.status for r in results if not r.admitted} == {ReserveStatus.EXCEEDED}
+
+
 async def test_near_its_limit_a_budget_is_reserved_request_by_request(
     client, leasing: Leasing
 ) -> None:
