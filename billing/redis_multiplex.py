@@ -58,9 +58,13 @@ class _Connection(asyncio.Protocol):
         # The pending write: soon (this loop turn's commands), or later (deferred only).
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False
-        self._urgent_queued = False  # a queued command that someone is waiting on
-        # Futures of the commands sent and not yet answered, oldest first, with when sent.
-        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._urgent_queued = 0  # queued commands that someone is waiting on
+        self._urgent_sent = 0  # and those written, not yet answered
+        # Futures of the commands queued or sent and not yet answered, oldest first,
+        # with when queued and whether someone waits on them.
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float, bool]] = (
+            collections.deque()
+        )
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -71,23 +75,25 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes, *, defer_s: float = 0.0) -> asyncio.Future[Any]:
         """Queue a command and return the future of its reply.
 
-        Nagle-like, so that under load one write carries many commands: with nothing
-        in flight a command is written at the end of this loop turn (with the others
-        of the turn); while earlier commands await their replies, it waits for them
-        and goes with the next write, made as soon as replies come in. A deferred
-        command (`defer_s` > 0: a settle nobody waits on) waits up to that long for
-        company, or goes at once on an idle connection.
+        Nagle-like, so that under load one write carries many commands: a command
+        someone waits on is written at the end of this loop turn (with the others of
+        the turn) unless others someone waits on are in flight; then it waits for
+        their replies and goes with the next write, made as soon as replies come in.
+        A deferred command (`defer_s` > 0: a settle nobody waits on) waits up to that
+        long for company, or goes at once on an idle connection; deferred commands in
+        flight never hold back one someone waits on.
         """
         if self.closed:
             raise ConnectionError("The connection to Redis is closed.")
         future = self._loop.create_future()
         in_flight = len(self._waiting) - len(self._outgoing)
         self._outgoing.append(packed)
-        self._waiting.append((future, time.monotonic()))
+        urgent = not defer_s
+        self._waiting.append((future, time.monotonic(), urgent))
         idle = in_flight == 0 and not self._urgent_queued
-        if not defer_s:
-            self._urgent_queued = True
-            if in_flight == 0 and not self._flush_soon:
+        if urgent:
+            self._urgent_queued += 1
+            if not self._urgent_sent and not self._flush_soon:
                 self._schedule_flush_soon()
         elif idle and not self._flush_soon:
             self._schedule_flush_soon()
@@ -104,7 +110,9 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        self._flush_handle, self._flush_soon, self._urgent_queued = None, False, False
+        self._flush_handle, self._flush_soon = None, False
+        self._urgent_sent += self._urgent_queued
+        self._urgent_queued = 0
         outgoing, self._outgoing = self._outgoing, []
         if outgoing and not self.closed and self._transport is not None:
             self._transport.write(b"".join(outgoing))
@@ -116,7 +124,8 @@ class _Connection(asyncio.Protocol):
             while reply is not False:
                 if not self._waiting:
                     raise hiredis.ProtocolError("a reply nobody asked for")
-                future = self._waiting.popleft()[0]
+                future, _, urgent = self._waiting.popleft()
+                self._urgent_sent -= urgent
                 if not future.done():  # a caller that gave up still has its reply read
                     if isinstance(reply, ResponseError):
                         future.set_exception(_error(reply))

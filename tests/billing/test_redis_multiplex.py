@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from billing.redis_multiplex import MultiplexedRedis
+from billing.redis_multiplex import MultiplexedRedis, _Connection
 from tests.support.private_redis import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -201,3 +201,44 @@ async def test_deferred_commands_wait_for_company_only_while_others_are_in_fligh
     finally:
         await client.aclose()
         pusher.close()
+
+
+class RecordingTransport:
+    """Stands in for the socket, to see when each write happens (not observable in Redis)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_command_someone_waits_on_is_not_held_back_by_deferred_ones_in_flight() -> None:
+    connection = _Connection(asyncio.get_running_loop(), timeout_s=5.0)
+    transport = RecordingTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    try:
+        settle = connection.send(b"SETTLE\r\n", defer_s=0.5)  # idle: goes this turn
+        await asyncio.sleep(0)
+        assert transport.writes == [b"SETTLE\r\n"]
+
+        # Only the settle is in flight: a reserve goes at once, not after its reply.
+        reserve = connection.send(b"RESERVE\r\n")
+        await asyncio.sleep(0)
+        assert transport.writes == [b"SETTLE\r\n", b"RESERVE\r\n"]
+
+        # The reserve is in flight: the next one waits for a reply, then goes.
+        second = connection.send(b"RESERVE2\r\n")
+        await asyncio.sleep(0.01)
+        assert len(transport.writes) == 2
+        connection.data_received(b"+settled\r\n")
+        assert transport.writes[-1] == b"RESERVE2\r\n"
+        connection.data_received(b"+reserved\r\n+reserved2\r\n")
+        replies = (await settle, await reserve, await second)
+        assert replies == (b"settled", b"reserved", b"reserved2")
+    finally:
+        connection.close(ConnectionError("test over"))
