@@ -14,6 +14,7 @@ budget counters equal the ledger. Writes bench/RESULTS.md and bench/results/run-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import proxy_load  # noqa: E402
 import proxy_report  # noqa: E402
 import proxy_seed  # noqa: E402
 import proxy_stack  # noqa: E402
-from proxy_stack import GATEWAY_CPU, LOAD_CPU, REPO, VENV_PY, Process, Stack  # noqa: E402
+from proxy_stack import GATEWAY_CPU, LOAD_CPU, REPO, Process, Stack  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 ENCRYPTION_KEY = "YmVuY2gtb25seS1mZXJuZXQta2V5LTAxMjM0NTY3ODk="
@@ -69,7 +70,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds through the cleanup in main()
 
 
-def _versions(litellm: bool) -> dict[str, str]:
+def _versions(python: Path, litellm: bool) -> dict[str, str]:
     import django
 
     def run(argv: list[str]) -> str:
@@ -80,10 +81,10 @@ def _versions(litellm: bool) -> dict[str, str]:
     if run(["git", "status", "--porcelain", "--untracked-files=no"]):
         rev += " (with uncommitted changes)"
     versions = {
-        "Python": platform.python_version(),
+        "Python": run([str(python), "-c", _PYTHON_VERSION]),
         "Django": django.get_version(),
         "Tollgate": rev,
-        "uvicorn": run([str(VENV_PY), "-c", "import uvicorn; print(uvicorn.__version__)"]),
+        "uvicorn": run([str(python), "-c", "import uvicorn; print(uvicorn.__version__)"]),
         "wrk": run(["wrk", "-v"]).splitlines()[0].split(" [")[0].removeprefix("wrk "),
         "PostgreSQL": _server_versions()[0],
         "Redis": _server_versions()[1],
@@ -91,6 +92,12 @@ def _versions(litellm: bool) -> dict[str, str]:
     if litellm:
         versions["LiteLLM"] = proxy_stack.litellm_version() or "?"
     return versions
+
+
+# The gateways' interpreter: its version and which build it is.
+_PYTHON_VERSION = (
+    "import platform, sys; print(platform.python_version(), f'({sys._base_executable})')"
+)
 
 
 def _server_versions() -> tuple[str, str]:
@@ -144,9 +151,10 @@ def _start_stack(stack: Stack, args: argparse.Namespace, models: list[str]) -> d
     """Mock, Tollgate (web + Celery worker + beat) and LiteLLM, each ready."""
     env = {**os.environ, **BENCH_ENV}
     mock_port = args.mock_port
+    python = str(args.run_python)
     mock = stack.start(
         "mock",
-        [str(VENV_PY), "-m", "routing.mockprovider", "--host", "127.0.0.1",
+        [python, "-m", "routing.mockprovider", "--host", "127.0.0.1",
          "--port", str(mock_port), "--chunk-delay-ms", str(MOCK_CHUNK_DELAY_MS)],
         cpu=LOAD_CPU, env=env,
     )  # fmt: skip
@@ -155,11 +163,11 @@ def _start_stack(stack: Stack, args: argparse.Namespace, models: list[str]) -> d
     web_port = proxy_stack.free_port()
     web = stack.start(
         "tollgate-web",
-        [str(VENV_PY), "-m", "uvicorn", "gatewaysite.asgi:application", "--host", "127.0.0.1",
+        [python, "-m", "uvicorn", "gatewaysite.asgi:application", "--host", "127.0.0.1",
          "--port", str(web_port), "--workers", "1", "--no-access-log", "--http", HTTP_PROTOCOL],
         cpu=GATEWAY_CPU, env=env,
     )  # fmt: skip
-    celery = [str(VENV_PY), "-m", "celery", "-A", "gatewaysite"]
+    celery = [python, "-m", "celery", "-A", "gatewaysite"]
     celery_worker = stack.start(
         "celery-worker",
         [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
@@ -303,6 +311,15 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument(
+        "--pin-services", action=argparse.BooleanOptionalAction, default=True,
+        help="pin Redis and PostgreSQL to the load generator's core for the run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--python", choices=("optimized", "project"), default="optimized",
+        help="what the gateways, the mock and Celery run on: an optimized CPython build "
+        "(Debian's python3.11, in bench/.venv-run) or .venv's python",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=BENCH / "RESULTS.md")
     return parser.parse_args()
 
@@ -314,7 +331,14 @@ def main() -> int:
     results_dir.mkdir(parents=True)
     recorder = Recorder(BENCH / "results" / f"run-{run_id}.jsonl", run_id)
     args.wrk = proxy_stack.ensure_wrk()
-    args.litellm_cli = None if args.skip_litellm else proxy_stack.ensure_litellm()
+    args.run_python = proxy_stack.ensure_run_python(args.python)
+    if args.run_python == proxy_stack.VENV_PY:
+        args.python = "project"  # asked for, or no optimized build here
+    args.litellm_cli = (
+        None
+        if args.skip_litellm
+        else proxy_stack.ensure_litellm(proxy_stack.base_python(args.run_python))
+    )
     args.mock_port = proxy_stack.free_port()
     os.environ.update(BENCH_ENV, TOLLGATE_VAR_DIR=str(results_dir / "var"))
     (results_dir / "var").mkdir()
@@ -322,6 +346,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     stack = Stack(logs=results_dir)
+    services = contextlib.ExitStack()
     started = time.monotonic()
     exit_code = 1
     proxy_seed.recreate_database()
@@ -341,6 +366,11 @@ def main() -> int:
             keys_total=args.keys,
             routes_total=args.routes,
             bench_keys=args.bench_keys,
+        )
+        # Off the gateway's core, before the stack starts (its backends inherit the pin).
+        shared = [proxy_stack.redis_server_pid(REDIS_URL), proxy_stack.postgres_server_pid()]
+        args.services_pinned = args.pin_services and services.enter_context(
+            proxy_stack.pinned([pid for pid in shared if pid is not None], LOAD_CPU)
         )
         connections.close_all()
         models = [proxy_seed.bench_model(n) for n in range(args.routes)]
@@ -367,6 +397,7 @@ def main() -> int:
             if profile is not None:
                 sent["tollgate"] += profile.sent
                 answered["tollgate"] += profile.requests
+        stack.check_alive()  # a Celery worker that died would show as lost usage
         print(f"checking usage: {sent['tollgate']:,} Tollgate requests sent", flush=True)
         accounting = proxy_seed.accounting_check(
             org_id=args.seeded.org_id,
@@ -380,7 +411,7 @@ def main() -> int:
             run_id=run_id,
             args=args,
             machine=_machine(),
-            versions=_versions(not args.skip_litellm),
+            versions=_versions(args.run_python, not args.skip_litellm),
             labels={name: system.label for name, system in systems.items()},
             rows=recorder.rows,
             accounting=accounting,
@@ -399,6 +430,7 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop_all()
+        services.close()
         from django.db import connections
 
         connections.close_all()

@@ -438,6 +438,16 @@ class Report:
         args = self.args
         conn = args.connections
         versions = " · ".join(f"{name} {version}" for name, version in self.versions.items())
+        pinned = (
+            ", and so do Redis and PostgreSQL (pinned there for the run)"
+            if args.services_pinned
+            else " (Redis and PostgreSQL could not be pinned there: they float over both cores)"
+        )
+        interpreter = (
+            "an optimized CPython build (PGO + LTO, as in the official python Docker images)"
+            if args.python == "optimized"
+            else "the project venv's interpreter"
+        )
         seeded = args.seeded
         lines = [
             "# Proxy benchmark: Tollgate vs LiteLLM Proxy vs direct",
@@ -451,11 +461,11 @@ class Report:
             f"{self.machine['memory']} RAM, {self.machine['os']}. The CPU is shared with other "
             "work on this machine: treat the figures as indicative.",
             "",
-            f"Versions: {versions}.",
+            f"Versions: {versions}. The gateways, the mock and Celery run on {interpreter}.",
             "",
             f"Setup: every gateway is ONE worker process pinned to CPU 1; wrk (one thread), the "
             f"mock upstream, the streaming probe and Tollgate's Celery worker and beat share "
-            f"CPU 0. Tollgate runs production-like: PostgreSQL, Redis, DEBUG off, uvicorn "
+            f"CPU 0{pinned}. Tollgate runs production-like: PostgreSQL, Redis, DEBUG off, uvicorn "
             f"(`--workers 1`), {seeded.keys_total:,} keys each with RPM/TPM limits and a hard "
             f"monthly budget, an org budget and limits, {seeded.routes_total} routes, prices "
             f"and metering on; the load rotates over {len(seeded.bench_keys)} keys and "

@@ -14,14 +14,21 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = REPO / ".venv" / "bin" / "python"
+# The processes under test (gateways, mock, Celery) run on an optimized CPython build:
+# Debian's python3.11 is built with profile-guided and link-time optimisation into a
+# static executable, as the official python Docker images (the Dockerfile's base) are.
+# A default pyenv build (--enable-shared, no PGO/LTO), which `.venv` may come from,
+# ran the same pure-Python work 1.75x slower here (bench/README.md).
+OPTIMIZED_PYTHON = Path("/usr/bin/python3.11")
+RUN_VENV = REPO / "bench" / ".venv-run"
 LITELLM_DIR = REPO / "bench" / ".litellm"
 LITELLM_VENV = LITELLM_DIR / "venv"
 # Pinned: the version measured in research/bench-results.md and installed here.
@@ -56,16 +63,61 @@ def ensure_wrk() -> str:
     return found
 
 
-def ensure_litellm() -> Path:
-    """LiteLLM Proxy (pinned) in its own venv under bench/.litellm; its `litellm` CLI."""
+def base_python(python: Path) -> Path:
+    """The interpreter a venv's python runs (itself, outside a venv)."""
+    probe = subprocess.run(
+        [str(python), "-c", "import sys; print(sys._base_executable)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return Path(probe.stdout.strip()).resolve()
+
+
+def _venv_of(venv: Path, base: Path) -> bool:
+    """Whether `venv` exists and runs on `base`."""
+    python = venv / "bin" / "python"
+    return python.exists() and base_python(python) == base.resolve()
+
+
+def ensure_run_python(interpreter: str) -> Path:
+    """The python the processes under test run on.
+
+    "project": `.venv`'s. "optimized": a venv of OPTIMIZED_PYTHON with the project
+    installed (editable, so it runs this checkout) in bench/.venv-run, made or
+    refreshed when pyproject.toml changes; `.venv`'s when that interpreter is missing.
+    """
+    if interpreter == "project":
+        return VENV_PY
+    if not OPTIMIZED_PYTHON.exists():
+        print(f"{OPTIMIZED_PYTHON} not found: the gateways run on .venv's python", flush=True)
+        return VENV_PY
+    python = RUN_VENV / "bin" / "python"
+    stamp = RUN_VENV / ".installed"
+    wanted = (REPO / "pyproject.toml").read_text()
+    if _venv_of(RUN_VENV, OPTIMIZED_PYTHON) and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    print(f"installing the project into {RUN_VENV} ({OPTIMIZED_PYTHON})", flush=True)
+    shutil.rmtree(RUN_VENV, ignore_errors=True)
+    subprocess.run([str(OPTIMIZED_PYTHON), "-m", "venv", str(RUN_VENV)], check=True)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "-e", str(REPO)],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    if install.returncode != 0:
+        raise SystemExit(f"could not install the project into {RUN_VENV}:\n{install.stderr}")
+    stamp.write_text(wanted)
+    return python
+
+
+def ensure_litellm(base: Path) -> Path:
+    """LiteLLM Proxy (pinned) in its own venv on `base` under bench/.litellm; its CLI."""
     cli = LITELLM_VENV / "bin" / "litellm"
-    if cli.exists() and litellm_version() == LITELLM_VERSION:
+    if not _venv_of(LITELLM_VENV, base):
+        # The gateways' interpreter, so both sides run the same Python.
+        shutil.rmtree(LITELLM_VENV, ignore_errors=True)
+        subprocess.run([str(base), "-m", "venv", str(LITELLM_VENV)], check=True)
+    elif cli.exists() and litellm_version() == LITELLM_VERSION:
         return cli
     print(f"installing litellm[proxy]=={LITELLM_VERSION} into {LITELLM_VENV}", flush=True)
-    if not (LITELLM_VENV / "bin" / "python").exists():
-        # The project's interpreter, so both sides run the same Python.
-        base = Path(sys.base_prefix) / "bin" / "python3"
-        subprocess.run([str(base), "-m", "venv", str(LITELLM_VENV)], check=True)
     subprocess.run(
         [str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet",
          f"litellm[proxy]=={LITELLM_VERSION}"],
@@ -223,6 +275,54 @@ def redis_server_pid(url: str) -> int | None:
         if Path(f"/proc/{pid}/stat").exists():
             return pid
     return None
+
+
+def postgres_server_pid() -> int | None:
+    """The pid of the PostgreSQL server (postmaster) Django connects to, if local."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path(f"/proc/{backend}/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("PPid:")).split()[1])
+    return None
+
+
+@contextlib.contextmanager
+def pinned(pids: list[int], cpu: int) -> Iterator[bool]:
+    """Every thread of `pids` and of their children on `cpu` for the block, then put back.
+
+    Redis and PostgreSQL are the machine's services, free to run on either core: left
+    so, the scheduler ran them on the gateway's core for ~13 % of its time (perf,
+    2026-11-22). Processes forked meanwhile (new PostgreSQL backends) inherit the pin.
+    Yields whether it could pin them (it needs the right to: root, or their owner).
+    """
+    saved: dict[int, set[int]] = {}
+    try:
+        for pid in pids:
+            for tid in _threads(_tree(pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    saved[tid] = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, {cpu})
+        yielded = True
+    except PermissionError:
+        yielded = False
+    try:
+        yield yielded
+    finally:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def _threads(pids: list[int]) -> list[int]:
+    tids = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            tids += [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    return tids
 
 
 class CpuMeter:
