@@ -45,7 +45,9 @@ def upstream_session() -> aiohttp.ClientSession:
     Every new connection is judged by the operator's egress policy on the address it
     actually goes to (routing/providers/egress.py); a pooled one is not judged again.
     Proxies from the environment (HTTP_PROXY...) are never used: a proxy would resolve
-    and connect on our behalf, out of the policy's sight.
+    and connect on our behalf, out of the policy's sight. Cookies a provider sets are
+    dropped: the session is every tenant's, so a kept cookie would ride along on other
+    tenants' calls.
     """
     policy = egress_policy()
     connector = aiohttp.TCPConnector(
@@ -56,7 +58,9 @@ def upstream_session() -> aiohttp.ClientSession:
         resolver=GuardedResolver(policy),
         socket_factory=guarded_socket_factory(policy),
     )
-    return aiohttp.ClientSession(connector=connector, trust_env=False)
+    return aiohttp.ClientSession(
+        connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 def _address_forbidden() -> UpstreamAddressForbidden:
