@@ -83,7 +83,8 @@ def ensure_run_python(interpreter: str) -> Path:
 
     "project": `.venv`'s. "optimized": a venv of OPTIMIZED_PYTHON with the project
     installed (editable, so it runs this checkout) in bench/.venv-run, made or
-    refreshed when pyproject.toml changes; `.venv`'s when that interpreter is missing.
+    refreshed when pyproject.toml changes; `.venv`'s when that interpreter is missing
+    or the venv cannot be made.
     """
     if interpreter == "project":
         return VENV_PY
@@ -97,13 +98,16 @@ def ensure_run_python(interpreter: str) -> Path:
         return python
     print(f"installing the project into {RUN_VENV} ({OPTIMIZED_PYTHON})", flush=True)
     shutil.rmtree(RUN_VENV, ignore_errors=True)
-    subprocess.run([str(OPTIMIZED_PYTHON), "-m", "venv", str(RUN_VENV)], check=True)
-    install = subprocess.run(
+    for step in (
+        [str(OPTIMIZED_PYTHON), "-m", "venv", str(RUN_VENV)],
         [str(python), "-m", "pip", "install", "--quiet", "-e", str(REPO)],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
-    if install.returncode != 0:
-        raise SystemExit(f"could not install the project into {RUN_VENV}:\n{install.stderr}")
+    ):
+        done = subprocess.run(step, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. no python3.11-venv package
+            print(f"{' '.join(step)} failed: the gateways run on .venv's python\n"
+                  f"{done.stderr[-2000:]}", flush=True)  # fmt: skip
+            shutil.rmtree(RUN_VENV, ignore_errors=True)
+            return VENV_PY
     stamp.write_text(wanted)
     return python
 
@@ -286,7 +290,9 @@ def postgres_server_pid() -> int | None:
         backend = cursor.fetchone()[0]
     with contextlib.suppress(OSError, StopIteration, ValueError):
         status = Path(f"/proc/{backend}/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("PPid:")).split()[1])
+        # A server elsewhere: that pid here, if any, is some other process.
+        if status[0].split()[-1] == "postgres":
+            return int(next(line for line in status if line.startswith("PPid:")).split()[1])
     return None
 
 
@@ -300,21 +306,26 @@ def pinned(pids: list[int], cpu: int) -> Iterator[bool]:
     Yields whether it could pin them (it needs the right to: root, or their owner).
     """
     saved: dict[int, set[int]] = {}
+
+    def restore() -> None:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.sched_setaffinity(tid, cpus)
+
     try:
         for pid in pids:
             for tid in _threads(_tree(pid)):
                 with contextlib.suppress(ProcessLookupError):
                     saved[tid] = os.sched_getaffinity(tid)
                     os.sched_setaffinity(tid, {cpu})
-        yielded = True
     except PermissionError:
-        yielded = False
+        restore()  # all or nothing
+        yield False
+        return
     try:
-        yield yielded
+        yield True
     finally:
-        for tid, cpus in saved.items():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.sched_setaffinity(tid, cpus)
+        restore()
 
 
 def _threads(pids: list[int]) -> list[int]:
