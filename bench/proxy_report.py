@@ -441,7 +441,7 @@ class Report:
         pinned = (
             ", and so do Redis and PostgreSQL (pinned there for the run)"
             if args.services_pinned
-            else " (Redis and PostgreSQL could not be pinned there: they float over both cores)"
+            else " (Redis and PostgreSQL are not pinned: they float over both cores)"
         )
         interpreter = (
             "an optimized CPython build (PGO + LTO, as in the official python Docker images)"
