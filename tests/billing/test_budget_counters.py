@@ -6,7 +6,10 @@ requests expire; lost counters are reported missing until seeded.
 """
 
 import asyncio
+import json
 import random
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -20,7 +23,7 @@ from billing.budget_counters import (
     ReserveResult,
     ReserveStatus,
 )
-from tests.support.budgets import HARNESS_KINDS, Harness, budget_harness, line
+from tests.support.budgets import HARNESS_KINDS, REDIS_URL, Harness, budget_harness, line
 
 pytestmark = pytest.mark.asyncio
 
@@ -415,3 +418,50 @@ async def test_counters_keep_working_after_redis_forgets_the_script(harness: Har
 
     assert result.status == ReserveStatus.RESERVED
     assert await totals(harness, limited) == [(0, 2 * USD)]
+
+
+# Pings Redis until its stdin closes, then prints (sent at, waited) of each ping: in a
+# process of its own, so the reading test's own pauses (parsing, GC) are not counted.
+PINGER = """
+import json, sys, threading, time, redis
+client = redis.Redis.from_url(sys.argv[1])
+client.ping()
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("ready", flush=True)
+pings = []
+while not done.is_set():
+    sent = time.time()
+    client.ping()
+    pings.append((sent, time.time() - sent))
+    time.sleep(0.001)
+print(json.dumps(pings), flush=True)
+"""
+
+
+async def test_reading_every_budget_keeps_redis_answering_everyone_else(harness: Harness) -> None:
+    """Alerts and the dashboard read the standing of every budget at once. Redis runs a
+    script alone, so one call over tens of thousands of lines would hold up every
+    proxy's reserves meanwhile: the lines are read a few hundred per call."""
+    if harness.client is None:
+        pytest.skip("the in-process counters hold up no one")
+    lines = [line(budget_id, USD) for budget_id in range(1, 20_001)]
+    await harness.counters.seed(lines[0], 5)
+    await harness.counters.seed(lines[-1], 7)
+    pinger = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PINGER, REDIS_URL,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert pinger.stdout is not None and await pinger.stdout.readline() == b"ready\n"
+    started = time.time()
+    spends = await harness.counters.spent(lines)
+    ended = time.time()
+    output, _ = await asyncio.wait_for(pinger.communicate(b""), timeout=30)
+    waits = [waited for sent, waited in json.loads(output) if started <= sent <= ended]
+
+    assert [s.line for s in spends] == lines
+    assert (spends[0].settled_nanos, spends[-1].settled_nanos) == (5, 7)
+    assert {s.settled_nanos for s in spends[1:-1]} == {None}
+    took = ended - started
+    assert len(waits) > 5, "Redis answered nobody else while the budgets were read"
+    assert max(waits) < took / 3, f"a ping waited {max(waits):.3f} s of the read's {took:.3f} s"
