@@ -13,6 +13,7 @@ from pathlib import Path
 import dj_database_url
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
+from redis.connection import parse_url as redis_url_parse
 
 from gatewaysite.env import env_bool, env_float, env_int, env_list, env_networks, env_str
 
@@ -325,10 +326,15 @@ CELERY_BEAT_SCHEDULE["usage-events-prune"] = {
 # ---------------------------------------------------------------- Channels
 
 if REDIS_URL:
+    # Pub/sub channels belong to the whole Redis server, not to a database: the prefix
+    # keeps deployments on different databases of one server from hearing each other.
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": f"tollgate:db{redis_url_parse(REDIS_URL).get('db', 0)}",
+            },
         }
     }
 else:

@@ -1,11 +1,13 @@
 """Settings come from the environment; insecure production settings refuse to start."""
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from tests.support.processes import REPO_ROOT
 
@@ -99,3 +101,38 @@ def test_a_bad_boolean_is_a_clear_error() -> None:
     result = start_django({"DEBUG": "maybe"})
     assert result.returncode != 0
     assert "DEBUG must be true or false" in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs Redis (the embedded run)")
+def test_live_updates_stay_within_their_redis_database() -> None:
+    """Pub/sub ignores Redis databases: two deployments sharing a server on databases 3
+    and 4 must not receive each other's live usage (org ids repeat across them)."""
+    shown = "import django, json; django.setup(); from django.conf import settings as s; "
+    shown += "print(json.dumps(s.CHANNEL_LAYERS['default']['CONFIG']))"
+
+    def layer_config(db: int) -> dict[str, object]:
+        env = {**SECURE, "REDIS_URL": f"redis://127.0.0.1:6379/{db}"}
+        result = subprocess.run(
+            [sys.executable, "-c", shown], env={**os.environ, **env}, cwd=REPO_ROOT,
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return json.loads(result.stdout)
+
+    async def heard(config_sent: dict, config_listening: dict) -> bool:
+        sender = RedisPubSubChannelLayer(**config_sent)
+        listener = RedisPubSubChannelLayer(**config_listening)
+        inbox = await listener.new_channel()
+        await listener.group_add("usage-org-1", inbox)
+        await sender.group_send("usage-org-1", {"type": "live.usage", "requests": []})
+        try:
+            await asyncio.wait_for(listener.receive(inbox), timeout=0.5)
+        except TimeoutError:
+            return False
+        finally:
+            await listener.flush()
+            await sender.flush()
+        return True
+
+    three, four = layer_config(3), layer_config(4)
+    assert asyncio.run(heard(three, layer_config(3)))
+    assert not asyncio.run(heard(three, four))
