@@ -34,6 +34,9 @@ class MockOptions:
     latency_ms: int = 0
     ttft_ms: int = 0
     chunk_delay_ms: int = 0
+    # How long after a stream's last event its body ends (a provider that sends `[DONE]`
+    # and closes the chunked body in separate writes, a moment apart).
+    end_delay_ms: int = 0
     tokens: int = 16
     fault: Fault = None
     retry_after: int | None = 1
@@ -98,6 +101,7 @@ PARSERS: Final[MappingProxyType[str, Callable[[str], object]]] = MappingProxyTyp
         "latency_ms": _parse_delay("latency_ms"),
         "ttft_ms": _parse_delay("ttft_ms"),
         "chunk_delay_ms": _parse_delay("chunk_delay_ms"),
+        "end_delay_ms": _parse_delay("end_delay_ms"),
         "tokens": lambda raw: _parse_int("tokens", raw, 0, MAX_TOKENS),
         "fault": parse_fault,
         "retry_after": parse_retry_after,

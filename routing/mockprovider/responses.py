@@ -134,7 +134,8 @@ async def send_stream(
     """Stream `plan` as server-sent events with the configured delays and stream faults.
 
     Headers go out at once; the first event after `ttft_ms`; each later word and the
-    closing events `chunk_delay_ms` apart (one write when that is zero, to stay cheap).
+    closing events `chunk_delay_ms` apart (one write when that is zero, to stay cheap);
+    the body's end `end_delay_ms` after the last event.
     """
     fault = options.fault
     if fault is not None and fault not in ("reset", "malformed", "truncated"):
@@ -159,6 +160,7 @@ async def send_stream(
             for event in [*plan.words[1:], b"".join(plan.tail)]:
                 await sleep_ms(options.chunk_delay_ms)
                 await response.write(event)
+        await sleep_ms(options.end_delay_ms)
         await response.write_eof()
     except ConnectionError:
         pass  # The client went away mid-stream; there is no one left to answer.

@@ -381,7 +381,7 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
     code); after it, the stream ends with an error event instead.
     """
     failure: GatewayError | None = None
-    disconnected = started = False
+    disconnected = started = answered = False
     capture = meter.response_capture  # None unless the org logs bodies
     try:
         async for chunk in stream.events():
@@ -390,6 +390,11 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
             if capture is not None:
                 capture.add(chunk)
             yield chunk
+            # Every token has been sent: the SDKs hang up on `[DONE]`, often before the
+            # upstream body has ended, and that is no disconnect. (On /v1/messages the
+            # client's `message_stop` follows the relay's end; leaving just before it
+            # counts as served too.)
+            answered = chunk.endswith(b"[DONE]\n\n")
     except GatewayError as exc:
         failure = exc
         if not started:
@@ -408,7 +413,7 @@ async def _relay(stream: UpstreamStream, meter: Meter) -> AsyncIterator[bytes]:
             pass  # not answered yet: the caller fails over, or records the failure
         elif failure is not None:
             meter.record_failure(failure, usage=stream.usage)
-        elif disconnected:
+        elif disconnected and not answered:
             meter.record(
                 outcome=Outcome.CLIENT_ERROR,
                 status_code=499,

@@ -378,6 +378,22 @@ def test_client_disconnect_mid_stream_is_still_metered(
     assert 0 <= event.output_tokens < 50
 
 
+def test_a_client_that_hangs_up_on_done_got_a_successful_answer(
+    gateway: GatewayServer, org, make_route: MakeRoute, live_key: IssueKey
+) -> None:
+    """The SDKs close the connection as soon as `[DONE]` arrives; a provider may end its
+    body a moment later. The client had the whole answer: a success, not a disconnect."""
+    make_route(model="lingering", upstream_model="lingering+tokens=5+end_delay_ms=1000")
+    stream = client(gateway, live_key(org)).chat.completions.create(
+        model="lingering", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)  # the SDK closes the response on [DONE]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    (event,) = wait_for_events(calls(org), 1)
+    assert (event.outcome, event.status_code) == (UsageEvent.Outcome.SUCCESS, 200)
+    assert event.output_tokens == 5 and not event.usage_estimated
+
+
 def test_one_orgs_key_cannot_use_another_orgs_provider(
     gateway: GatewayServer, org, make_route: MakeRoute, live_key: IssueKey
 ) -> None:
