@@ -26,7 +26,11 @@ class DeploymentHealthSerializer(serializers.Serializer[Any]):
     )
     enabled = serializers.BooleanField(help_text="The deployment and its provider are enabled.")
     circuit = serializers.ChoiceField(choices=[state.value for state in CircuitState])
-    retry_in_s = serializers.FloatField(allow_null=True)
+    retry_in_s = serializers.FloatField(
+        allow_null=True,
+        help_text="While open: seconds until a probe is let through (0: the next request "
+        "probes). Null when not open.",
+    )
     consecutive_failures = serializers.IntegerField()
     window_requests = serializers.IntegerField()
     window_failures = serializers.IntegerField()
@@ -60,7 +64,9 @@ def _health_json(row: DeploymentHealthRow) -> dict[str, object]:
         "routes": list(row.routes),
         "enabled": row.enabled,
         "circuit": status.state.value if status else CircuitState.CLOSED.value,
-        "retry_in_s": round(status.retry_in_s, 1) if status and status.retry_in_s else None,
+        "retry_in_s": (
+            round(status.retry_in_s, 1) if status and status.retry_in_s is not None else None
+        ),
         "consecutive_failures": status.consecutive_failures if status else 0,
         "window_requests": status.window_requests if status else 0,
         "window_failures": status.window_failures if status else 0,

@@ -273,6 +273,7 @@ def test_spend_tiles_are_measured_against_the_orgs_budgets() -> None:
     assert 'id="overview-budgets"' in page and "50.0%" in page  # $5 of the $10 daily budget
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_month_of_usage_for_hundreds_of_keys_renders_in_a_few_queries(
     django_assert_max_num_queries,

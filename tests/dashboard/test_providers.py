@@ -1,23 +1,18 @@
 """Providers & routes pages: owners and admins configure their own org's routing."""
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
-import redis
-import redis.asyncio
-from django.conf import settings as django_settings
 from django.test import Client
 from django.urls import reverse
 
 from routing.health import CircuitState, DeploymentStatus
-from routing.health_board import BOARD_KEY, _local_board, post_local, post_shared
 from routing.models import Deployment, Provider, Route
 from routing.services import deployment_create, provider_create, route_create
 from tenants.models import AuditLog, Organization
 from tenants.services import Actor
 from tests.factories import OrganizationFactory, TeamFactory
-from tests.support.dashboard import signed_in_as
+from tests.support.dashboard import health_board_reporting, signed_in_as
 
 pytestmark = pytest.mark.django_db
 
@@ -194,20 +189,8 @@ def open_circuit_board(setup) -> Iterator[int]:
         window_requests=8, window_failures=6, latency_ms=120.0, ttft_ms=None, in_flight=0,
         opened_at=None, retry_in_s=20.0,
     )  # fmt: skip
-    if django_settings.REDIS_URL:
-
-        async def post() -> None:
-            client = redis.asyncio.Redis.from_url(django_settings.REDIS_URL)
-            await post_shared(client, [status])
-            await client.aclose()
-
-        asyncio.run(post())
+    with health_board_reporting([status]):
         yield deployment_id
-        redis.Redis.from_url(django_settings.REDIS_URL).delete(BOARD_KEY)
-    else:
-        post_local([status])
-        yield deployment_id
-        _local_board.clear()
 
 
 def test_each_deployment_shows_its_live_circuit_and_error_rate(

@@ -1,7 +1,16 @@
-"""Signed-in dashboard visitors for page tests."""
+"""Signed-in dashboard visitors and a posted health board, for page tests."""
 
+import asyncio
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import redis
+import redis.asyncio
+from django.conf import settings
 from django.test import Client
 
+from routing.health import DeploymentStatus
+from routing.health_board import BOARD_KEY, _local_board, post_local, post_shared
 from tenants.models import Membership, Organization, Team
 from tests.factories import UserFactory
 
@@ -15,3 +24,27 @@ def signed_in_as(
     client = Client()
     client.force_login(user)
     return client
+
+
+@contextmanager
+def health_board_reporting(statuses: Iterable[DeploymentStatus]) -> Iterator[None]:
+    """The shared health board (Redis, or the in-process one) holding `statuses` as one
+    live replica's post, for the block."""
+    if not settings.REDIS_URL:
+        post_local(statuses)
+        try:
+            yield
+        finally:
+            _local_board.clear()
+        return
+
+    async def post() -> None:
+        client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+        await post_shared(client, statuses)
+        await client.aclose()
+
+    asyncio.run(post())
+    try:
+        yield
+    finally:
+        redis.Redis.from_url(settings.REDIS_URL).delete(BOARD_KEY)
