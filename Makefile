@@ -60,13 +60,19 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# Most tests wait on servers they started, so the suite runs on pytest-xdist workers (three
+# were faster here but made fault tests' timing flaky on two cores); each worker has its own
+# database and Redis database (tests/support/parallel.py).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -p tests.support.parallel -n $(TEST_WORKERS) --dist worksteal
+
 test-postgres: install
 	env DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) DEBUG=false $(TEST_SECRETS) \
-		$(PY) -m pytest $(PYTEST_ARGS)
+		$(PYTEST) $(PYTEST_ARGS)
 
 test-embedded: install
 	env -u DATABASE_URL -u REDIS_URL -u SECRET_KEY -u TOLLGATE_ENCRYPTION_KEYS -u DEBUG \
-		$(PY) -m pytest $(PYTEST_ARGS)
+		$(PYTEST) $(PYTEST_ARGS)
 
 # Proxy benchmark: Tollgate vs LiteLLM Proxy vs direct to the mock, interleaved rounds
 # (PostgreSQL scratch database, Redis db 8; installs wrk and LiteLLM on first use).

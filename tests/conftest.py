@@ -4,6 +4,7 @@ The suite runs twice: against PostgreSQL + Redis (DATABASE_URL/REDIS_URL set)
 and against the embedded default (SQLite, in-process), see the Makefile.
 """
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -31,6 +32,25 @@ from tests.support.gateway import (
 from tests.support.processes import mock_provider
 
 TEST_ACTOR = Actor.system("tests")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker needs a Redis database of its own."""
+    if (
+        os.environ.get("PYTEST_XDIST_WORKER")
+        and settings.REDIS_URL
+        and not config.pluginmanager.has_plugin("tests.support.parallel")
+    ):
+        raise pytest.UsageError(
+            "Running on several workers with Redis needs `-p tests.support.parallel` "
+            "(each worker its own Redis database); `make test-postgres` passes it"
+        )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first: pytest-xdist hands tests out in order, and one of them
+    started near the end would keep its worker busy long after the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -525,6 +525,7 @@ def usage_history(org: Organization, *, hours: int, cost_nanos: int, until: date
     ])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_spend_spikes_alert_once_per_org_per_hour_against_the_recent_baseline() -> None:
     baseline_end = datetime(2026, 11, 21, 13, tzinfo=UTC)  # the hour before AT's window
     spiking = OrganizationFactory(name="Spiking")

@@ -292,6 +292,7 @@ def assert_cents_shown_exactly(view: StatementView) -> None:
     assert view.rounding_cents == view.total_cents - line_cents
 
 
+@pytest.mark.slow
 def test_every_request_through_the_production_stack_reconciles_to_the_nano(
     make_route: MakeRoute, issue_key: IssueKey, stream: str, tmp_path: Path
 ) -> None:

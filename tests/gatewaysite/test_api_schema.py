@@ -83,6 +83,7 @@ def test_the_schema_is_served_with_local_docs() -> None:
 
 # Once, with production settings: the embedded half serves the same API code, and the
 # fuzzing is the suite's longest test.
+@pytest.mark.slow
 @production_half_only
 def test_every_management_operation_conforms_to_the_schema(org, team, tmp_path: Path) -> None:
     token = api_token_create(org=org, name="fuzz", role="admin", actor=TEST_ACTOR).plaintext

@@ -278,6 +278,7 @@ def usage_stream() -> Iterator[str]:
         client.close()
 
 
+@pytest.mark.slow
 @live_servers
 @with_production_stack
 def test_two_workers_serve_the_sum_of_their_counters_whichever_answers(

@@ -75,6 +75,7 @@ def form_post(client: httpx.Client, path: str, data: dict[str, str]) -> httpx.Re
     return client.post(path, data={**data, "csrfmiddlewaretoken": client.cookies["csrftoken"]})
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_no_secret_or_prompt_reaches_logs_audit_errors_or_columns(
     tmp_path: Path, org: Organization

@@ -39,6 +39,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from openai import AsyncOpenAI, OpenAI
 
+from billing.budget_leases import LEASE_IDLE_S
 from billing.models import ModelPrice, UsageEvent
 from billing.stream import (
     USAGE_GROUP,
@@ -86,6 +87,7 @@ RESTART_S = 3.0
 # The longest the ledger may take to catch up after a fault, on this loaded machine.
 CATCH_UP_S = 60.0
 LIVE_S = 2.0  # TOLLGATE_PROCESS_LIVE_SECONDS of the web workers
+LEASE_RETURN_SLACK_S = 2.0  # the lease keeper's round and a busy machine
 
 
 # ---------------------------------------------------------------- the stack
@@ -416,9 +418,17 @@ def key_budget(gateway: GatewayServer, key: Key) -> dict[str, Any]:
 
 def assert_budget_equals_ledger(gateway: GatewayServer, key: Key) -> int:
     """The key's hard budget: its counter holds what the ledger holds, nothing is left
-    reserved, and the spend is within the limit. Returns the spend."""
+    reserved, and the spend is within the limit. Returns the spend.
+
+    A busy key's requests are admitted from a lease, whose room stays reserved until the
+    key has been quiet for LEASE_IDLE_S (billing/budget_leases.py): only a hold still
+    there after that, and a little slack, outlived its request."""
     spent = sum(UsageEvent.objects.filter(key=key.key).values_list("cost_nanos", flat=True))
-    budget = key_budget(gateway, key)
+    deadline = time.monotonic() + LEASE_IDLE_S + LEASE_RETURN_SLACK_S
+    while Decimal((budget := key_budget(gateway, key))["reserved_usd"]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
     assert Decimal(budget["spent_usd"]).scaleb(9) == spent
     assert Decimal(budget["reserved_usd"]) == 0, "a hold outlived its request"
     assert spent <= key.limit_nanos

@@ -48,6 +48,7 @@ def stored() -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_rotation_moves_every_secret_to_the_new_key_while_the_gateway_keeps_working(
     settings, org: Organization, make_route: MakeRoute, issue_key: IssueKey
