@@ -55,12 +55,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def fresh_counters() -> None:
-    """Forget budget counters and rate buckets of earlier sessions: the test database
-    is new, so its budget ids are reused and would find their old counters."""
+    """Forget budget counters, rate buckets and deployment health of earlier sessions: the
+    test database is new, so its ids are reused and would find their old state (a session
+    run within a minute of the last saw its deployments' breaker windows)."""
     if not settings.REDIS_URL:
         return
     client = redis.Redis.from_url(settings.REDIS_URL)
-    for pattern in ("tollgate:budget:*", "tollgate:rate:*"):
+    for pattern in ("tollgate:budget:*", "tollgate:rate:*", "tollgate:health:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)

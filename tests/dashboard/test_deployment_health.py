@@ -54,8 +54,9 @@ def test_an_opened_circuit_shows_in_the_api_and_the_dashboard(
         flaky, steady = rows["flaky-deployment"], rows["steady-deployment"]
         # The board is posted once a second: on a busy machine the cooldown may have run
         # out by then, and the breaker waits for the next request to probe (retry in 0 s).
-        assert 0 <= flaky["retry_in_s"] <= TEST_BREAKER_COOLDOWN_S
-        assert flaky["window_failures"] == 3
+        assert 0 <= flaky["retry_in_s"] <= TEST_BREAKER_COOLDOWN_S, flaky
+        # Every call it saw failed (the exact counting is tests/routing/test_health.py's).
+        assert flaky["window_failures"] == flaky["window_requests"] > 0, flaky
         assert flaky["routes"] == ["flaky"]
         assert steady["circuit"] == "closed" and steady["live"]
         assert steady["latency_ms"] is not None and steady["requests_last_minute"] == 1
