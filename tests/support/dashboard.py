@@ -47,4 +47,5 @@ def health_board_reporting(statuses: Iterable[DeploymentStatus]) -> Iterator[Non
     try:
         yield
     finally:
-        redis.Redis.from_url(settings.REDIS_URL).delete(BOARD_KEY)
+        with redis.Redis.from_url(settings.REDIS_URL) as client:
+            client.delete(BOARD_KEY)
